@@ -1,0 +1,254 @@
+"""tf.data pipelines: decode, colour mode, resize / crop, rescale, augment, batch.
+
+Every element is a dict:
+
+- ``image``: float32 ``[H, W, C]`` in **[0, 1]** (C = 1 grayscale, 3 RGB);
+- ``mask``: float32 ``[H, W, 1]`` in {0, 1}, all zeros for good images and for
+  defect images without a mask file (``has_mask`` is then False);
+- ``label`` (int32, 1 = defective), ``defect_type``, ``path`` (strings),
+  ``has_mask`` (bool).
+
+Masks are resized with nearest neighbour and cropped exactly like their images
+so they stay aligned. Augmentation applies to training (defect-free) images
+only, which have no masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from ..errors import InputError
+from .discovery import check_samples
+
+COLOR_MODES = ("grayscale", "rgb")
+
+
+@dataclass
+class Preprocessing:
+    """How files become model input; stored in ``info.json`` so later scripts repeat it exactly.
+
+    ``size``: resize target (square). ``crop``: optional centre crop after the resize
+    (e.g. 256 -> 224 as in anomalib). Output range is always [0, 1].
+    """
+
+    size: int = 256
+    color_mode: str = "grayscale"
+    crop: Optional[int] = None
+
+    def __post_init__(self):
+        if self.color_mode not in COLOR_MODES:
+            raise InputError(f"--color: unknown colour mode '{self.color_mode}'; choose grayscale or rgb")
+        if int(self.size) < 8:
+            raise InputError(f"--size must be at least 8, got {self.size}")
+        if self.crop is not None and not 0 < int(self.crop) <= int(self.size):
+            raise InputError(f"--crop must be in (0, size], got {self.crop}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "grayscale" else 3
+
+    @property
+    def output_size(self) -> int:
+        return int(self.crop or self.size)
+
+    @property
+    def input_shape(self) -> tuple:
+        return (self.output_size, self.output_size, self.channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(**{k: d[k] for k in ("size", "color_mode", "crop") if k in d})
+
+
+@dataclass
+class Augmentation:
+    """Training-time augmentation of defect-free images (small, label-preserving changes)."""
+
+    rotation_deg: float = 5.0
+    shift_fraction: float = 0.05
+    brightness: float = 0.05
+    flip_horizontal: bool = False
+    flip_vertical: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _decode_any(contents: tf.Tensor, is_tiff: tf.Tensor) -> tf.Tensor:
+    """Bytes -> uint8 [H, W, c] with c in 1..4; TIFF goes through Pillow (TF has no TIFF decoder)."""
+
+    def tiff():
+        def _pil(b):
+            import io
+
+            from PIL import Image
+
+            with Image.open(io.BytesIO(b)) as im:
+                arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+            return arr if arr.ndim == 3 else arr[..., None]
+
+        img = tf.numpy_function(_pil, [contents], tf.uint8)
+        return img
+
+    def native():
+        return tf.io.decode_image(contents, channels=0, expand_animations=False, dtype=tf.uint8)
+
+    img = tf.cond(is_tiff, tiff, native)
+    img.set_shape([None, None, None])
+    return img
+
+
+def _to_channels(img: tf.Tensor, channels: int) -> tf.Tensor:
+    """uint8 [H, W, c] (c = 1..4) -> float32 [H, W, channels] in [0, 1].
+
+    RGB -> grayscale uses ITU-R BT.601 luminance (tf.image.rgb_to_grayscale);
+    grayscale -> RGB repeats the channel; alpha is dropped.
+    """
+    c = tf.shape(img)[-1]
+    img = tf.image.convert_image_dtype(img, tf.float32)
+    rgb = tf.cond(c >= 3, lambda: img[..., :3], lambda: tf.tile(img[..., :1], [1, 1, 3]))
+    if channels == 3:
+        return rgb
+    return tf.cond(c >= 3, lambda: tf.image.rgb_to_grayscale(rgb), lambda: img[..., :1])
+
+
+def _resize_crop(x: tf.Tensor, prep: Preprocessing, method: str) -> tf.Tensor:
+    size = int(prep.size)
+    x = tf.image.resize(x, [size, size], method=method, antialias=(method == "bilinear"))
+    if prep.crop:
+        off = (size - int(prep.crop)) // 2
+        x = x[off : off + int(prep.crop), off : off + int(prep.crop), :]
+    return x
+
+
+def _load_element(path, mask_path, has_mask, is_tiff, mask_is_tiff, label, defect_type, prep: Preprocessing):
+    img = _to_channels(_decode_any(tf.io.read_file(path), is_tiff), prep.channels)
+    img = tf.clip_by_value(_resize_crop(img, prep, "bilinear"), 0.0, 1.0)
+
+    def read_mask():
+        m = _decode_any(tf.io.read_file(mask_path), mask_is_tiff)[..., :1]
+        return tf.cast(m > 0, tf.float32)
+
+    def zero_mask():
+        return tf.zeros(tf.concat([tf.shape(img)[:2], [1]], 0), tf.float32)
+
+    # Good images have no mask: zeros at the *original* size would need the
+    # original size, so build them after resizing instead.
+    mask = tf.cond(has_mask, lambda: _resize_crop(read_mask(), prep, "nearest"), zero_mask)
+    out = prep.output_size
+    img = tf.ensure_shape(img, [out, out, prep.channels])
+    mask = tf.ensure_shape(mask, [out, out, 1])
+    return {
+        "image": img,
+        "mask": mask,
+        "label": label,
+        "defect_type": defect_type,
+        "path": path,
+        "has_mask": has_mask,
+    }
+
+
+def _augmenter(aug: Augmentation, seed: int):
+    import keras
+
+    layers = []
+    if aug.flip_horizontal or aug.flip_vertical:
+        mode = "horizontal_and_vertical" if (aug.flip_horizontal and aug.flip_vertical) else (
+            "horizontal" if aug.flip_horizontal else "vertical"
+        )
+        layers.append(keras.layers.RandomFlip(mode, seed=seed))
+    if aug.rotation_deg:
+        layers.append(keras.layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="reflect", seed=seed + 1))
+    if aug.shift_fraction:
+        layers.append(
+            keras.layers.RandomTranslation(aug.shift_fraction, aug.shift_fraction, fill_mode="reflect", seed=seed + 2)
+        )
+    brightness = float(aug.brightness)
+
+    def apply(batch):
+        x = batch["image"]
+        for layer in layers:
+            x = layer(x, training=True)
+        if brightness:
+            b = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], -brightness, brightness, seed=seed + 3)
+            x = x + b
+        batch = dict(batch)
+        batch["image"] = tf.clip_by_value(x, 0.0, 1.0)
+        return batch
+
+    return apply
+
+
+def make_dataset(
+    samples: Sequence,
+    prep: Preprocessing,
+    batch_size: int = 8,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment: Optional[Augmentation] = None,
+    cache: bool = False,
+    repeat: bool = False,
+    drop_remainder: bool = False,
+    check: bool = True,
+) -> tf.data.Dataset:
+    """A batched ``tf.data.Dataset`` of dict elements for ``samples`` (see module doc).
+
+    ``check`` opens every file header first so that a corrupt image or a mask of
+    the wrong size is reported by name (as :class:`InputError`) before training.
+    Order is deterministic; shuffling is seeded.
+    """
+    samples = list(samples)
+    if not samples:
+        raise InputError("empty split: no images to load")
+    if int(batch_size) < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if check:
+        check_samples(samples)
+
+    def tiff(p):
+        return bool(p) and p.lower().endswith((".tif", ".tiff"))
+
+    columns = (
+        [s.path for s in samples],
+        [s.mask_path or "" for s in samples],
+        [s.mask_path is not None for s in samples],
+        [tiff(s.path) for s in samples],
+        [tiff(s.mask_path) for s in samples],
+        np.asarray([s.label for s in samples], np.int32),
+        [s.defect_type for s in samples],
+    )
+    ds = tf.data.Dataset.from_tensor_slices(columns)
+    ds = ds.map(
+        lambda *c: _load_element(*c, prep=prep),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+    if augment is not None:
+        ds = ds.map(_augmenter(augment, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def load_arrays(samples, prep: Preprocessing, batch_size: int = 32) -> dict:
+    """All of ``samples`` as numpy arrays (images, masks, labels, paths, defect types)."""
+    out: dict[str, list] = {}
+    for batch in make_dataset(samples, prep, batch_size=batch_size):
+        for k, v in batch.items():
+            out.setdefault(k, []).append(v.numpy())
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    for k in ("path", "defect_type"):
+        arrays[k] = [b.decode() for b in arrays[k].tolist()]
+    return arrays
