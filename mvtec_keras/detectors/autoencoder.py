@@ -1,0 +1,211 @@
+"""Reconstruction detector: a convolutional autoencoder plus a residual map.
+
+Training glue lives here; the architectures are pure models in
+:mod:`mvtec_keras.models.autoencoders`, the maps and losses in
+:mod:`mvtec_keras.residuals`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .. import residuals
+from ..errors import InputError
+from ..training import lr_range_test, standard_callbacks
+from .base import Detector, register_detector
+
+MODEL_FILE = "model.keras"
+
+
+def _pairs(data, batch_size):
+    """(x, x) batches for autoencoder training from a dict dataset or an array."""
+    if isinstance(data, tf.data.Dataset):
+        return data.map(lambda b: (b["image"], b["image"]))
+    arr = np.asarray(data, np.float32)
+    return tf.data.Dataset.from_tensor_slices((arr, arr)).batch(batch_size)
+
+
+@register_detector("autoencoder")
+class AutoencoderDetector(Detector):
+    """Train an autoencoder on normal images; anomaly map = residual between input and reconstruction.
+
+    Parameters
+    ----------
+    architecture: one of ``mvtec_keras.models.AUTOENCODERS`` (default ``mvtecCAE``).
+    input_shape: ``(H, W, C)`` of the preprocessed images.
+    loss: training loss ``ssim`` | ``mssim`` | ``l2``.
+    residual: map used for scoring ``ssim`` | ``l2`` (finetune.py can switch it).
+    score_reduction / score_sigma: image score = ``score_reduction`` of the map after a
+        Gaussian blur of ``score_sigma`` (0 = none); the map itself stays unblurred.
+    learning_rate: a float, or ``"auto"`` for a learning-rate range test first.
+    """
+
+    has_maps = True
+
+    def __init__(
+        self,
+        architecture: str = "mvtecCAE",
+        input_shape=(256, 256, 1),
+        loss: str = "ssim",
+        residual: str = "ssim",
+        score_reduction: str = "max",
+        score_sigma: float = 4.0,
+        epochs: int = 100,
+        batch_size: int = 8,
+        learning_rate: Union[str, float] = 2e-4,
+        patience: int = 12,
+        seed: int = 0,
+        jit_compile: bool = False,
+    ):
+        self.architecture = architecture
+        self.input_shape = tuple(input_shape)
+        self.loss = loss
+        self.residual = residual
+        self.score_reduction = score_reduction
+        self.score_sigma = score_sigma
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.seed = seed
+        self.jit_compile = jit_compile
+
+    def get_config(self) -> dict:
+        return {
+            "architecture": self.architecture,
+            "input_shape": list(self.input_shape),
+            "loss": self.loss,
+            "residual": self.residual,
+            "score_reduction": self.score_reduction,
+            "score_sigma": self.score_sigma,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "patience": self.patience,
+            "seed": self.seed,
+            "jit_compile": self.jit_compile,
+        }
+
+    # -- model ---------------------------------------------------------------
+    def _compile(self, model: keras.Model, lr: float) -> None:
+        loss_fn = residuals.get_loss(self.loss)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=lr),
+            loss=loss_fn,
+            metrics=[residuals.ssim_metric, residuals.l2_loss],
+            jit_compile=self.jit_compile,
+        )
+
+    def build_model(self) -> keras.Model:
+        from ..models.autoencoders import build_autoencoder
+
+        keras.utils.set_random_seed(self.seed)
+        return build_autoencoder(self.architecture, input_shape=self.input_shape)
+
+    # -- fit -----------------------------------------------------------------
+    def _fit(self, train, validation=None, workdir: Optional[str] = None, resume: bool = False, verbose=1, **_):
+        if self.residual not in ("ssim", "l2"):
+            raise InputError(f"--method: unknown residual map '{self.residual}'; choose ssim or l2")
+        model = self.build_model()
+        lr = self.learning_rate
+        train_pairs = _pairs(train, self.batch_size)
+        val_pairs = _pairs(validation, self.batch_size) if validation is not None else None
+        self.lr_test_ = None
+        if lr == "auto":
+            self._compile(model, 1e-6)
+            self.lr_test_ = lr_range_test(model, train_pairs)
+            lr = self.lr_test_["suggested_lr"]
+            if verbose:
+                print(f"learning-rate range test suggests {lr:.2e}")
+        else:
+            try:
+                lr = float(lr)
+            except (TypeError, ValueError):
+                raise InputError(f"--lr must be 'auto' or a number, got '{lr}'") from None
+        self._compile(model, lr)
+        monitor = "val_loss" if val_pairs is not None else "loss"
+        callbacks, guard = standard_callbacks(workdir, monitor=monitor, patience=self.patience)
+        if workdir and not resume:
+            # A fresh run must not pick up a stale backup or history.
+            import shutil
+
+            shutil.rmtree(os.path.join(workdir, "backup"), ignore_errors=True)
+            hist = os.path.join(workdir, "history.csv")
+            if os.path.exists(hist):
+                os.remove(hist)
+        history = model.fit(
+            train_pairs,
+            validation_data=val_pairs,
+            epochs=self.epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        guard.check()
+        self.model_ = model
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        self.learning_rate_ = float(lr)
+        self.epochs_trained_ = len(next(iter(self.history_.values()), []))
+        return self
+
+    # -- scoring -------------------------------------------------------------
+    def reconstruct(self, images):
+        self._check_fitted()
+        return self._predict(images)
+
+    def _predict(self, images):
+        if not hasattr(self, "_predict_fn"):
+            model = self.model_
+
+            # One traced function per detector: Python-side model calls retrace otherwise.
+            @tf.function(reduce_retracing=True)
+            def predict(x):
+                return model(x, training=False)
+
+            self._predict_fn = predict
+        return self._predict_fn(tf.convert_to_tensor(images, tf.float32))
+
+    def residual_maps(self, images, reconstructions):
+        return residuals.residual_map(images, reconstructions, method=self.residual)
+
+    def score_batch(self, images):
+        x = tf.convert_to_tensor(images, tf.float32)
+        recon = self._predict(x)
+        maps = self.residual_maps(x, recon)
+        smoothed = residuals.gaussian_blur(maps, self.score_sigma) if self.score_sigma else maps
+        scores = residuals.image_scores(smoothed, reduction=self.score_reduction)
+        return scores, maps
+
+    # -- persistence ---------------------------------------------------------
+    def _save_state(self, dirpath: str) -> None:
+        self.model_.save(os.path.join(dirpath, MODEL_FILE))
+        import json
+
+        with open(os.path.join(dirpath, "training.json"), "w") as f:
+            json.dump(
+                {
+                    "history": self.history_,
+                    "learning_rate": self.learning_rate_,
+                    "epochs_trained": self.epochs_trained_,
+                    "lr_test": self.lr_test_,
+                },
+                f,
+            )
+
+    def _load_state(self, dirpath: str) -> None:
+        import json
+
+        path = os.path.join(dirpath, MODEL_FILE)
+        if not os.path.isfile(path):
+            raise InputError(f"model file not found: {path}")
+        self.model_ = keras.saving.load_model(path, compile=False)
+        meta_path = os.path.join(dirpath, "training.json")
+        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        self.history_ = meta.get("history", {})
+        self.learning_rate_ = meta.get("learning_rate")
+        self.epochs_trained_ = meta.get("epochs_trained")
+        self.lr_test_ = meta.get("lr_test")
