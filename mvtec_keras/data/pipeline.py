@@ -155,35 +155,41 @@ def _load_element(path, mask_path, has_mask, is_tiff, mask_is_tiff, label, defec
     }
 
 
-def _augmenter(aug: Augmentation, seed: int):
-    import keras
+def _augment_batch(batch, seeds, aug: Augmentation):
+    """Random rotation, shift, brightness (and flips) from stateless ops: reproducible for a seed."""
+    x = batch["image"]
+    n = tf.shape(x)[0]
+    h = tf.cast(tf.shape(x)[1], tf.float32)
+    w = tf.cast(tf.shape(x)[2], tf.float32)
 
-    layers = []
-    if aug.flip_horizontal or aug.flip_vertical:
-        mode = "horizontal_and_vertical" if (aug.flip_horizontal and aug.flip_vertical) else (
-            "horizontal" if aug.flip_horizontal else "vertical"
-        )
-        layers.append(keras.layers.RandomFlip(mode, seed=seed))
-    if aug.rotation_deg:
-        layers.append(keras.layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="reflect", seed=seed + 1))
-    if aug.shift_fraction:
-        layers.append(
-            keras.layers.RandomTranslation(aug.shift_fraction, aug.shift_fraction, fill_mode="reflect", seed=seed + 2)
-        )
-    brightness = float(aug.brightness)
+    def uniform(i, lo, hi):
+        return tf.random.stateless_uniform([n], seed=seeds[i], minval=lo, maxval=hi)
 
-    def apply(batch):
-        x = batch["image"]
-        for layer in layers:
-            x = layer(x, training=True)
-        if brightness:
-            b = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], -brightness, brightness, seed=seed + 3)
-            x = x + b
-        batch = dict(batch)
-        batch["image"] = tf.clip_by_value(x, 0.0, 1.0)
-        return batch
-
-    return apply
+    theta = uniform(0, -1.0, 1.0) * (aug.rotation_deg * np.pi / 180.0)
+    tx = uniform(1, -1.0, 1.0) * aug.shift_fraction * w
+    ty = uniform(2, -1.0, 1.0) * aug.shift_fraction * h
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    # Output pixel (x, y) samples input R^-1 (p - c) + c - t: rotation about the centre, then a shift.
+    zeros = tf.zeros_like(cos)
+    transform = tf.stack(
+        [cos, sin, cx - cos * cx - sin * cy - tx, -sin, cos, cy + sin * cx - cos * cy - ty, zeros, zeros], axis=1
+    )
+    x = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x, transforms=transform, output_shape=tf.shape(x)[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="REFLECT",
+    )
+    if aug.flip_horizontal:
+        flip = uniform(3, 0.0, 1.0) < 0.5
+        x = tf.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
+    if aug.flip_vertical:
+        flip = uniform(4, 0.0, 1.0) < 0.5
+        x = tf.where(flip[:, None, None, None], x[:, ::-1, :, :], x)
+    if aug.brightness:
+        x = x + uniform(5, -aug.brightness, aug.brightness)[:, None, None, None]
+    batch = dict(batch)
+    batch["image"] = tf.clip_by_value(x, 0.0, 1.0)
+    return batch
 
 
 def make_dataset(
@@ -238,7 +244,13 @@ def make_dataset(
         ds = ds.repeat()
     ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
     if augment is not None:
-        ds = ds.map(_augmenter(augment, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # One [6, 2] block of stateless seeds per batch, from a seeded stream that differs per epoch.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(12).map(
+            lambda v: tf.reshape(v, [6, 2])
+        )
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda b, s: _augment_batch(b, s, augment), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
