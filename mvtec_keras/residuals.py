@@ -126,6 +126,12 @@ def to_rgb(x):
 def _pair(x, y):
     x = ops.convert_to_tensor(x, dtype="float32")
     y = ops.convert_to_tensor(y, dtype="float32")
+    # Keras hands losses y_true with unknown spatial dims (from tf.data): take them from the other side.
+    if len(x.shape) == 4 and len(y.shape) == 4:
+        if None in x.shape[1:] and None not in y.shape[1:]:
+            x = ops.reshape(x, (-1,) + tuple(y.shape[1:]))
+        elif None in y.shape[1:] and None not in x.shape[1:]:
+            y = ops.reshape(y, (-1,) + tuple(x.shape[1:]))
     if len(x.shape) != 4 or tuple(x.shape[1:]) != tuple(y.shape[1:]):
         raise InputError(
             f"expected two image batches [B, H, W, C] of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}"

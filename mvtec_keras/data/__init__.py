@@ -1,4 +1,8 @@
-"""Data: find images on disk (MVTec layout or plain folders) and turn them into tf.data pipelines."""
+"""Data: find images on disk (MVTec layout or plain folders) and turn them into tf.data pipelines.
+
+The pipeline names are imported lazily so that discovery and the demo builder
+start without loading TensorFlow.
+"""
 
 from .discovery import (  # noqa: F401
     GOOD,
@@ -12,4 +16,13 @@ from .discovery import (  # noqa: F401
     split_validation,
     stratified_split,
 )
-from .pipeline import COLOR_MODES, Augmentation, Preprocessing, load_arrays, make_dataset  # noqa: F401
+
+_PIPELINE = ("COLOR_MODES", "Augmentation", "Preprocessing", "load_arrays", "make_dataset")
+
+
+def __getattr__(name):
+    if name in _PIPELINE:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

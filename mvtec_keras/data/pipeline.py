@@ -188,7 +188,9 @@ def _augment_batch(batch, seeds, aug: Augmentation):
     if aug.brightness:
         x = x + uniform(5, -aug.brightness, aug.brightness)[:, None, None, None]
     batch = dict(batch)
-    batch["image"] = tf.clip_by_value(x, 0.0, 1.0)
+    x = tf.clip_by_value(x, 0.0, 1.0)
+    x.set_shape(batch["image"].shape)  # the projective transform forgets static H, W
+    batch["image"] = x
     return batch
 
 

@@ -1,0 +1,182 @@
+"""What every script shares: error handling, run folders, info.json, rebuilding the data of a run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Optional
+
+from ..errors import EXIT_BAD_INPUT, InputError
+
+INFO_FILE = "info.json"
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def run_main(fn, argv=None) -> int:
+    """Call ``fn(argv)``; bad input becomes one line on stderr and exit code 2."""
+    quiet_tensorflow()
+    try:
+        fn(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a decoding failure deep inside tf.data still names what it can
+        if type(e).__name__ in ("InvalidArgumentError", "DataLossError", "NotFoundError"):
+            msg = " ".join(str(getattr(e, "message", e)).split())[:300]
+            print(f"error: could not read an input image: {msg}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    return 0
+
+
+@contextlib.contextmanager
+def output_dir(path: str, keep_existing: bool = False):
+    """Create ``path`` for a run; if the run fails, remove what this run created.
+
+    With ``keep_existing`` (``--resume``, or a later script adding files to a
+    model folder) an existing folder is never removed.
+    """
+    existed = os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except KeyboardInterrupt:
+        # Keep the backup so that --resume can continue; without info.json the
+        # folder is not mistaken for a finished model.
+        print(f"interrupted: resume with --resume --out {path}", file=sys.stderr)
+        raise
+    except BaseException:
+        if not existed and not keep_existing:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_dir(final: str):
+    """Write into a temporary sibling folder and move it into place only on success."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def model_dir_from_arg(path: str, flag: str = "-p/--path") -> str:
+    """``-p`` accepts the model file (``DIR/model.keras``) or the run folder itself."""
+    if not path:
+        raise InputError(f"{flag} is required")
+    if os.path.isdir(path):
+        d = path
+    elif os.path.isfile(path):
+        d = os.path.dirname(os.path.abspath(path))
+    else:
+        raise InputError(f"{flag}: model not found: {path}")
+    if not os.path.isfile(os.path.join(d, INFO_FILE)):
+        raise InputError(f"{flag}: {os.path.join(d, INFO_FILE)} is missing; was this folder written by train.py or extract.py?")
+    return os.path.abspath(d)
+
+
+def read_info(model_dir: str) -> dict:
+    p = os.path.join(model_dir, INFO_FILE)
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {p}: {e}") from None
+
+
+def add_data_args(parser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("-d", "--data", help="MVTec-layout category folder, or a folder of normal images "
+                   "(folder mode). Default: the embedded demo category")
+    g.add_argument("--abnormal", help="folder mode: folder of abnormal images")
+    g.add_argument("--masks", help="folder mode: folder of masks (<stem>_mask.png or <stem>.png)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train/good (default 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="seed for splits, shuffling and initialisation")
+
+
+def resolve_category(data: Optional[str], abnormal=None, masks=None, seed: int = 0):
+    """The category of a run: a folder given by the user, or the demo (built on first use)."""
+    from ..data import discover
+
+    if data is None:
+        from ..data.demo import build_demo
+
+        root = build_demo()
+        cat = discover(str(root))
+        cat.mode = "demo"
+        return cat
+    if not os.path.isdir(data):
+        raise InputError(f"-d/--data: folder not found: {data}")
+    for flag, p in (("--abnormal", abnormal), ("--masks", masks)):
+        if p and not os.path.isdir(p):
+            raise InputError(f"{flag}: folder not found: {p}")
+    return discover(data, abnormal_dir=abnormal, mask_dir=masks, seed=seed)
+
+
+def data_info(cat, args, validation) -> dict:
+    return {
+        "root": cat.root,
+        "name": cat.name,
+        "mode": cat.mode,
+        "abnormal_dir": getattr(args, "abnormal", None),
+        "mask_dir": getattr(args, "masks", None),
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "n_train": len(cat.train) - len(validation),
+        "validation_files": [s.path for s in validation],
+    }
+
+
+def category_from_info(info: dict):
+    """Rediscover the category a model was trained on, from its info.json."""
+    d = info.get("data") or {}
+    root = d.get("root")
+    if d.get("mode") == "demo" and (not root or not os.path.isdir(root)):
+        return resolve_category(None)
+    if not root or not os.path.isdir(root):
+        raise InputError(f"the training data folder recorded in info.json is gone: {root}")
+    cat = resolve_category(root, d.get("abnormal_dir"), d.get("mask_dir"), d.get("seed", 0))
+    if d.get("mode") == "demo":
+        cat.mode = "demo"
+    return cat
+
+
+def validation_samples(cat, info: dict) -> list:
+    wanted = set((info.get("data") or {}).get("validation_files") or [])
+    return [s for s in cat.train if s.path in wanted]

@@ -1,0 +1,102 @@
+"""extract.py: fit a pretrained-feature detector (Mahalanobis, SPADE, PaDiM, PatchCore) on normal images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from ..errors import InputError
+from .common import add_data_args, data_info, output_dir, resolve_category, run_main, write_json
+
+FEATURE_METHODS = ("mahalanobis", "spade", "padim", "patchcore")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extract.py", description=__doc__.split("\n")[0])
+    add_data_args(p)
+    p.add_argument("-m", "--method", default="padim", help=f"one of {', '.join(FEATURE_METHODS)} (default padim)")
+    p.add_argument("-b", "--backbone", default="efficientnet-lite0",
+                   help="efficientnet-b0 ... efficientnet-b7, efficientnet-lite0 ... lite2 (default lite0)")
+    p.add_argument("-w", "--weights", default="imagenet",
+                   help="imagenet | noisy-student:CKPT | PATH to a weights file | none (default imagenet)")
+    p.add_argument("--size", type=int, default=None, help="resize to this size (default: the backbone's native size)")
+    p.add_argument("--crop", type=int, default=None, help="centre crop after resizing (e.g. --size 256 --crop 224)")
+    p.add_argument("-c", "--color", default="rgb", help="rgb | grayscale (grey images are repeated to 3 channels)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="detector option, e.g. --param k=50 --param n_features=100 (JSON values); repeatable")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="output folder (default runs/<category>/<method>-<backbone>-<time>)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def parse_params(items) -> dict:
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--param expects KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        try:
+            params[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k.strip()] = v
+    return params
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from ..data import Preprocessing, make_dataset, split_validation
+    from ..detectors import detector_class
+    from ..features.extractor import BACKBONES
+
+    method = args.method.lower()
+    if method not in FEATURE_METHODS:
+        raise InputError(f"-m/--method: unknown '{args.method}'; choose from {', '.join(FEATURE_METHODS)}")
+    if args.backbone not in BACKBONES:
+        raise InputError(f"-b/--backbone: unknown '{args.backbone}'; choose from {', '.join(BACKBONES)}")
+    weights = None if args.weights.lower() == "none" else args.weights
+    if weights not in (None, "imagenet") and not weights.startswith("noisy-student") and not os.path.isfile(weights):
+        raise InputError(f"-w/--weights: weights file not found: {weights}")
+    prep = Preprocessing(size=args.size or BACKBONES[args.backbone], color_mode=args.color, crop=args.crop)
+    cls = detector_class(method)
+    try:
+        detector = cls(backbone=args.backbone, weights=weights, **parse_params(args.param))
+    except TypeError as e:
+        raise InputError(f"--param: {e}") from None
+    cat = resolve_category(args.data, args.abnormal, args.masks, args.seed)
+    train_s, val_s = split_validation(cat.train, args.val_fraction, args.seed)
+    if not args.quiet:
+        print(cat.summary())
+        print(f"fitting {method} on {len(train_s)} images ({args.backbone}, {prep.input_shape})")
+    train_ds = make_dataset(train_s, prep, args.batch_size)
+    out = args.out or os.path.join("runs", cat.name, f"{method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(os.path.join(out, "info.json")):
+        raise InputError(f"--out: {out} already holds a model; choose another folder")
+    with output_dir(out):
+        t0 = time.time()
+        detector.fit(train_ds)
+        wall = time.time() - t0
+        detector.save(out)
+        info = {
+            "version": 1,
+            "detector": detector.name,
+            "architecture": args.backbone,
+            "weights": args.weights,
+            "data": data_info(cat, args, val_s),
+            "preprocessing": prep.to_dict(),
+            "fit": {"wall_seconds": round(wall, 2), "n_images": len(train_s)},
+        }
+        write_json(os.path.join(out, "info.json"), info)
+    if not args.quiet:
+        print(f"fitted in {wall:.1f} s; saved to {out}")
+
+
+def cli(argv=None) -> int:
+    return run_main(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,127 @@
+"""test.py: evaluate a trained or fitted detector on its category's test set.
+
+The same for every detector family: image AUROC from the image scores, pixel
+AUROC and AUPRO from the anomaly maps (images with a ground-truth mask, plus
+good images), and TPR / TNR / balanced accuracy at the operating point chosen
+by finetune.py. Images of the finetune split are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from ..errors import InputError
+from .common import category_from_info, model_dir_from_arg, run_main, staged_dir, write_json
+from .finetune import FINETUNE_FILE, load_for_scoring
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="test.py", description=__doc__.split("\n")[0])
+    p.add_argument("-p", "--path", required=True, help="DIR/model.keras or the model folder")
+    p.add_argument("-s", "--save-segmentations", action="store_true", help="also write binary segmentations")
+    p.add_argument("--max-overlays", type=int, default=40, help="anomaly-map overlays to draw (default 40; 0 = none)")
+    p.add_argument("-b", "--batch-size", type=int, default=8)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from .. import metrics, reports, thresholds
+    from ..data import Preprocessing, make_dataset
+
+    model_dir = model_dir_from_arg(args.path)
+    ft_path = os.path.join(model_dir, FINETUNE_FILE)
+    ft = None
+    if os.path.isfile(ft_path):
+        import json
+
+        with open(ft_path) as f:
+            ft = json.load(f)
+    det, info = load_for_scoring(model_dir)
+    if ft and hasattr(det, "residual") and ft.get("method") in ("ssim", "l2"):
+        det.residual = ft["method"]  # score with the map the operating point was chosen on
+    prep = Preprocessing.from_dict(info["preprocessing"])
+    cat = category_from_info(info)
+    excluded = set(ft.get("finetune_files", [])) if ft else set()
+    test = [s for s in cat.test if s.path not in excluded]
+    if not test:
+        raise InputError(f"empty split: no test images left for {cat.root} after removing the finetune split")
+    verbose = not args.quiet
+    res = det.score(make_dataset(test, prep, args.batch_size), keep_images=args.max_overlays > 0, progress=verbose)
+    labels = res.labels.astype(int)
+
+    out = {"detector": det.name, "n_images": int(len(test)), "n_defective": int(labels.sum()),
+           "n_excluded_finetune": len(excluded)}
+    out["image_auroc"] = metrics.image_auroc(labels, res.scores)
+    out["image_ap"] = metrics.average_precision(labels, res.scores)
+    out["f1_max"] = metrics.f1_max(labels, res.scores)[0]
+    has_mask = np.array([s.mask_path is not None or s.label == 0 for s in test])
+    if res.maps is not None and has_mask.any() and res.masks[has_mask].any():
+        out["pixel_auroc"] = metrics.pixel_auroc(res.masks[has_mask], res.maps[has_mask])
+        out["aupro"] = metrics.aupro(res.masks[has_mask], res.maps[has_mask])
+        out["n_pixel_images"] = int(has_mask.sum())
+    else:
+        out["pixel_auroc"] = out["aupro"] = None
+
+    segs = None
+    if ft is not None:
+        if ft.get("decision") == "segmentation" and res.maps is not None:
+            pred, segs = thresholds.classify(res.maps, ft["threshold"], ft["min_area"])
+        else:
+            pred = res.scores >= ft["threshold"]
+        out.update(metrics.threshold_metrics(labels, pred))
+        out["min_area"], out["threshold"] = ft.get("min_area"), ft["threshold"]
+        out["finetune_mode"] = ft.get("mode")
+    else:
+        pred = None
+        out.update(tpr=None, tnr=None, balanced_accuracy=None, min_area=None, threshold=None)
+        if verbose:
+            print("no finetune.json: threshold metrics skipped (run finetune.py first)")
+
+    with staged_dir(os.path.join(model_dir, "test")) as tmp:
+        write_json(os.path.join(tmp, "test_result.json"), out)
+        reports.write_predictions_csv(
+            os.path.join(tmp, "predictions.csv"), res.paths, res.defect_types, res.scores,
+            pred if pred is not None else [None] * len(test), labels,
+        )
+        reports.plot_roc(labels, res.scores, os.path.join(tmp, "roc_curve.png"))
+        reports.plot_score_histogram(res.scores, labels, os.path.join(tmp, "score_histogram.png"),
+                                     threshold=(ft["threshold"] if ft and ft.get("decision") == "image_score" else None),
+                                     defect_types=res.defect_types)
+        if res.maps is not None and out.get("pixel_auroc") is not None:
+            reports.plot_pixel_roc(res.masks[has_mask], res.maps[has_mask], os.path.join(tmp, "pixel_roc_curve.png"))
+        if res.maps is not None and args.max_overlays > 0:
+            order = _overlay_order(labels, args.max_overlays)
+            reports.plot_overlays(res.images[order], res.maps[order], os.path.join(tmp, "overlays"),
+                                  paths=[f"{res.defect_types[i]}/{os.path.basename(res.paths[i])}" for i in order],
+                                  masks=res.masks[order], segmentations=None if segs is None else segs[order])
+        if args.save_segmentations and segs is not None:
+            reports.save_segmentations(segs, os.path.join(tmp, "segmentations"),
+                                       [f"{t}/{os.path.basename(p)}" for t, p in zip(res.defect_types, res.paths)])
+        table = reports.per_defect_table(res, pred)
+        with open(os.path.join(tmp, "per_defect.txt"), "w") as f:
+            f.write(table + "\n")
+    if verbose:
+        print(table)
+        keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "tpr", "tnr", "balanced_accuracy")
+        print("  ".join(f"{k}={out[k]:.4f}" for k in keys if out.get(k) is not None))
+        print(f"wrote {os.path.join(model_dir, 'test')}")
+
+
+def _overlay_order(labels, n):
+    """Up to n images, defective ones first, spread over the set."""
+    idx = np.argsort(-labels, kind="stable")
+    return np.sort(idx[:n])
+
+
+def cli(argv=None) -> int:
+    return run_main(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,182 @@
+"""train.py: train a reconstruction or GAN detector on the defect-free images of one category."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ..errors import InputError
+from .common import add_data_args, data_info, output_dir, resolve_category, run_main, write_json
+
+AE_ARCHITECTURES = ("mvtecCAE", "baselineCAE", "inceptionCAE", "resnetCAE", "skipCAE")
+GAN_ARCHITECTURES = ("ganomaly", "efficientgan", "anogan", "dense_ae")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train an autoencoder (or GAN) on defect-free images; writes model.keras and info.json.",
+    )
+    add_data_args(p)
+    p.add_argument("-a", "--architecture", default="mvtecCAE",
+                   help=f"one of {', '.join(AE_ARCHITECTURES + GAN_ARCHITECTURES)} (default mvtecCAE)")
+    p.add_argument("-c", "--color", default="grayscale", help="grayscale | rgb (default grayscale)")
+    p.add_argument("-l", "--loss", default="ssim", help="autoencoders: ssim | mssim | l2 (default ssim)")
+    p.add_argument("-b", "--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (early stopping decides)")
+    p.add_argument("--lr", default="2e-4", help="learning rate, or 'auto' for a range test first")
+    p.add_argument("--size", type=int, default=None, help="image size (default 256; GANs: their default)")
+    p.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs")
+    p.add_argument("--no-augment", action="store_true", help="no rotation / shift / brightness augmentation")
+    p.add_argument("--flip", action="store_true", help="also flip training images (only for symmetric products)")
+    p.add_argument("-i", "--inspect", action="store_true", help="write inspection images")
+    p.add_argument("--out", help="output folder (default runs/<category>/<arch>-<loss>-<color>-<time>)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted run in --out")
+    p.add_argument("--jit", action="store_true", help="XLA jit_compile (slower on CPU; measure first)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _canonical_arch(name: str) -> str:
+    for a in AE_ARCHITECTURES + GAN_ARCHITECTURES:
+        if a.lower() == name.lower():
+            return a
+    raise InputError(f"-a/--architecture: unknown '{name}'; choose from {', '.join(AE_ARCHITECTURES + GAN_ARCHITECTURES)}")
+
+
+def make_detector(args, prep):
+    """Build the detector the arguments describe (constructor only; nothing trained yet)."""
+    arch = _canonical_arch(args.architecture)
+    if arch in AE_ARCHITECTURES:
+        from ..detectors.autoencoder import AutoencoderDetector
+
+        if args.loss not in ("ssim", "mssim", "l2"):
+            raise InputError(f"-l/--loss: unknown loss '{args.loss}'; choose ssim, mssim or l2")
+        return AutoencoderDetector(
+            architecture=arch,
+            input_shape=prep.input_shape,
+            loss=args.loss,
+            residual="l2" if args.loss == "l2" else "ssim",
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr if args.lr == "auto" else _float(args.lr, "--lr"),
+            patience=args.patience,
+            seed=args.seed,
+            jit_compile=args.jit,
+        )
+    from ..detectors import detector_class
+
+    cls = detector_class(arch)
+    return cls.from_cli(args, prep)
+
+
+def _float(v, flag):
+    try:
+        return float(v)
+    except ValueError:
+        raise InputError(f"{flag} must be a number or 'auto', got '{v}'") from None
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from ..data import Augmentation, Preprocessing, make_dataset, split_validation
+
+    arch = _canonical_arch(args.architecture)
+    if args.batch_size < 1:
+        raise InputError(f"-b/--batch-size must be at least 1, got {args.batch_size}")
+    if args.epochs < 1:
+        raise InputError(f"--epochs must be at least 1, got {args.epochs}")
+    size = args.size or (256 if arch in AE_ARCHITECTURES else 64)
+    prep = Preprocessing(size=size, color_mode=args.color)
+    detector = make_detector(args, prep)  # validates flags before any file is written
+    cat = resolve_category(args.data, args.abnormal, args.masks, args.seed)
+    train_s, val_s = split_validation(cat.train, args.val_fraction, args.seed)
+    if not args.quiet:
+        print(cat.summary())
+        print(f"training on {len(train_s)} images, validating on {len(val_s)}; {arch}, {prep.input_shape}")
+    augment = None if args.no_augment else Augmentation(flip_horizontal=args.flip, flip_vertical=args.flip)
+    train_ds = make_dataset(train_s, prep, args.batch_size, shuffle=True, seed=args.seed, augment=augment, cache=True)
+    val_ds = make_dataset(val_s, prep, args.batch_size, cache=True) if val_s else None
+
+    loss_tag = args.loss if arch in AE_ARCHITECTURES else "gan"
+    out = args.out or os.path.join(
+        "runs", cat.name, f"{arch}-{loss_tag}-{args.color}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    if os.path.isdir(out) and os.listdir(out) and not args.resume:
+        if os.path.exists(os.path.join(out, "info.json")):
+            raise InputError(f"--out: {out} already holds a trained model; choose another folder or pass --resume")
+    with output_dir(out, keep_existing=args.resume):
+        t0 = time.time()
+        detector.fit(train_ds, val_ds, workdir=out, resume=args.resume, verbose=0 if args.quiet else 1)
+        wall = time.time() - t0
+        detector.save(out)
+        info = {
+            "version": 1,
+            "detector": detector.name,
+            "architecture": arch,
+            "loss": args.loss if arch in AE_ARCHITECTURES else None,
+            "data": data_info(cat, args, val_s),
+            "preprocessing": prep.to_dict(),
+            "augmentation": augment.to_dict() if augment else None,
+            "training": {
+                "epochs_max": args.epochs,
+                "epochs_trained": getattr(detector, "epochs_trained_", None),
+                "batch_size": args.batch_size,
+                "learning_rate": getattr(detector, "learning_rate_", None),
+                "lr_setting": args.lr,
+                "seed": args.seed,
+                "wall_seconds": round(wall, 2),
+                "images_per_second": round(
+                    (getattr(detector, "epochs_trained_", 0) or 0) * len(train_s) / max(wall, 1e-9), 2
+                ),
+            },
+        }
+        write_json(os.path.join(out, "info.json"), info)
+        _reports(detector, out, val_ds, cat, prep, args)
+    if not args.quiet:
+        print(f"model saved to {os.path.join(out, 'model.keras') if arch in AE_ARCHITECTURES else out}")
+        print(f"trained {info['training']['epochs_trained']} epochs in {wall:.1f} s "
+              f"({info['training']['images_per_second']} img/s)")
+
+
+def _reports(detector, out, val_ds, cat, prep, args):
+    from .. import reports
+    from ..data import make_dataset
+
+    history = getattr(detector, "history_", None)
+    if history:
+        reports.plot_history(history, out)
+    lr_test = getattr(detector, "lr_test_", None)
+    if lr_test:
+        reports.plot_lr_range_test(lr_test["lrs"], lr_test["losses"], os.path.join(out, "lr_range_test.png"),
+                                   lr_test["suggested_lr"])
+    if args.inspect and hasattr(detector, "reconstruct"):
+        import numpy as np
+
+        sets = [("validation", val_ds)]
+        if cat.test:
+            sets.append(("test", make_dataset(cat.test, prep, args.batch_size)))
+        for name, ds in sets:
+            if ds is None:
+                continue
+            imgs, recs, maps, names = [], [], [], []
+            for batch in ds:
+                x = batch["image"]
+                r = detector.reconstruct(x)
+                imgs.append(np.asarray(x))
+                recs.append(np.asarray(r))
+                maps.append(np.asarray(detector.residual_maps(x, r)))
+                names += [f"{t.decode()}_{os.path.splitext(os.path.basename(p.decode()))[0]}"
+                          for t, p in zip(batch["defect_type"].numpy(), batch["path"].numpy())]
+            reports.plot_inspection(np.concatenate(imgs), np.concatenate(recs), np.concatenate(maps),
+                                    os.path.join(out, "inspection", name), names)
+
+
+def cli(argv=None) -> int:
+    return run_main(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

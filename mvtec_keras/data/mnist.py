@@ -1,0 +1,74 @@
+"""MNIST from its four idx ``.gz`` files (no download path), plus one-class splits."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+
+import numpy as np
+
+from ..errors import InputError
+
+FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+# idx magic: two zero bytes, type 0x08 (uint8), number of dimensions.
+_MAGIC = {1: 0x00000801, 3: 0x00000803}
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """Read one gzipped idx file of uint8 with ``ndim`` dimensions."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: MNIST file not found")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: not a readable gzip file ({e})") from None
+    header = 4 * (1 + ndim)
+    if len(raw) < header:
+        raise InputError(f"{path}: truncated idx header")
+    magic, *dims = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
+    if magic != _MAGIC[ndim]:
+        raise InputError(f"{path}: bad idx magic number {int(magic):#010x}, expected {_MAGIC[ndim]:#010x}")
+    dims = tuple(int(d) for d in dims)
+    if len(raw) - header != int(np.prod(dims)):
+        raise InputError(f"{path}: idx payload has {len(raw) - header} bytes, header says {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_mnist(root: str = "../shared/data/mnist"):
+    """``(x_train uint8 [60000, 28, 28], y_train, x_test uint8 [10000, 28, 28], y_test)``."""
+    if not os.path.isdir(root):
+        raise InputError(f"{root}: MNIST folder not found")
+    out = {k: read_idx(os.path.join(root, name), 3 if k.startswith("x") else 1) for k, name in FILES.items()}
+    for split in ("train", "test"):
+        if len(out[f"x_{split}"]) != len(out[f"y_{split}"]):
+            raise InputError(f"{root}: {split} images and labels differ in count")
+    return out["x_train"], out["y_train"], out["x_test"], out["y_test"]
+
+
+def one_class_split(x_train, y_train, x_test, y_test, normal_digits, anomaly_digits=None):
+    """Split for one-class benchmarks, images as float32 [N, 28, 28, 1] in [0, 1].
+
+    Training keeps the ``normal_digits`` only; the test set keeps normal and
+    anomalous digits (``anomaly_digits=None``: every other digit). Returns
+    ``(train normals, test images, test labels with 1 = anomaly)``.
+    """
+    normal_digits = np.atleast_1d(np.asarray(normal_digits))
+    if anomaly_digits is None:
+        anomaly_digits = np.setdiff1d(np.arange(10), normal_digits)
+    anomaly_digits = np.atleast_1d(np.asarray(anomaly_digits))
+    if np.intersect1d(normal_digits, anomaly_digits).size:
+        raise InputError(f"digits {normal_digits.tolist()} cannot be both normal and anomalous")
+    keep = np.isin(y_test, normal_digits) | np.isin(y_test, anomaly_digits)
+    labels = np.isin(y_test[keep], anomaly_digits).astype(np.int32)
+    return _float(x_train[np.isin(y_train, normal_digits)]), _float(x_test[keep]), labels
+
+
+def _float(x):
+    return (x.astype(np.float32) / 255.0)[..., None]

@@ -1,0 +1,142 @@
+"""The scripts end to end on a tiny category, and their answers to bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import make_mvtec
+
+from mvtec_keras.cli import extract, finetune, test, train
+from mvtec_keras.cli.main import main as mvtec_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "widget"
+    return make_mvtec(str(root), size=64, n_train=16, n_good=6, defects=("scratch", "hole"), n_defect=5, channels=1)
+
+
+@pytest.fixture(scope="module")
+def trained(category, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "cae")
+    rc = train.cli(["-d", category, "-a", "mvtecCAE", "-l", "ssim", "--size", "64", "-b", "4", "--epochs", "2",
+                    "--out", out, "-i", "-q"])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_everything(trained):
+    for f in ("model.keras", "info.json", "detector.json", "history.csv", "loss.png"):
+        assert os.path.isfile(os.path.join(trained, f)), f
+    assert os.path.isdir(os.path.join(trained, "logs"))
+    assert os.listdir(os.path.join(trained, "inspection", "validation"))
+    info = json.load(open(os.path.join(trained, "info.json")))
+    assert info["architecture"] == "mvtecCAE" and info["loss"] == "ssim"
+    assert info["preprocessing"] == {"size": 64, "color_mode": "grayscale", "crop": None}
+    assert len(info["data"]["validation_files"]) == 2  # 10 % of 16, rounded
+    assert info["training"]["epochs_trained"] == 2
+
+
+def test_finetune_then_test_excludes_finetune_split(trained, category):
+    assert finetune.cli(["-p", os.path.join(trained, "model.keras"), "-m", "ssim", "--min-area", "5:50:5", "-q"]) == 0
+    ft = json.load(open(os.path.join(trained, "finetune.json")))
+    for key in ("min_area", "threshold", "score", "method", "dtype", "finetune_files"):
+        assert key in ft
+    assert ft["mode"] == "search" and ft["finetune_files"]
+    assert os.path.isfile(os.path.join(trained, "finetune.png"))
+
+    assert test.cli(["-p", os.path.join(trained, "model.keras"), "-s", "-q"]) == 0
+    res = json.load(open(os.path.join(trained, "test", "test_result.json")))
+    for key in ("image_auroc", "pixel_auroc", "aupro", "tpr", "tnr", "balanced_accuracy", "min_area",
+                "threshold", "n_images"):
+        assert key in res
+    n_test = 6 + 10
+    assert res["n_images"] == n_test - len(ft["finetune_files"])
+    with open(os.path.join(trained, "test", "predictions.csv")) as f:
+        rows = list(csv.DictReader(f))
+    tested = {r["file"] for r in rows}
+    assert len(rows) == res["n_images"]
+    assert not tested & set(ft["finetune_files"])  # the finetune split never reaches the test metrics
+    for f in ("roc_curve.png", "score_histogram.png", "per_defect.txt"):
+        assert os.path.isfile(os.path.join(trained, "test", f))
+    assert os.listdir(os.path.join(trained, "test", "overlays"))
+    assert os.listdir(os.path.join(trained, "test", "segmentations"))
+
+
+def test_finetune_fpr_mode_and_uint8(trained):
+    assert finetune.cli(["-p", trained, "--mode", "fpr", "-t", "uint8", "-q"]) == 0
+    ft = json.load(open(os.path.join(trained, "finetune.json")))
+    assert ft["mode"] == "fpr" and ft["finetune_files"] == [] and ft["dtype"] == "uint8"
+    assert test.cli(["-p", trained, "-q", "--max-overlays", "0"]) == 0
+    res = json.load(open(os.path.join(trained, "test", "test_result.json")))
+    assert res["n_images"] == 16
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_missing_model(tmp_path, capsys):
+    assert test.cli(["-p", str(tmp_path / "nope" / "model.keras")]) == 2
+    assert "nope" in _one_line_error(capsys)
+
+
+def test_info_json_absent(tmp_path, capsys):
+    (tmp_path / "model.keras").write_bytes(b"")
+    assert finetune.cli(["-p", str(tmp_path / "model.keras")]) == 2
+    assert "info.json" in _one_line_error(capsys)
+
+
+def test_wrong_flag_values(trained, category, tmp_path, capsys):
+    assert finetune.cli(["-p", trained, "-m", "l3"]) == 2
+    assert "-m/--method" in _one_line_error(capsys)
+    assert finetune.cli(["-p", trained, "-t", "int4"]) == 2
+    assert "--dtype" in _one_line_error(capsys)
+    out = str(tmp_path / "x")
+    assert train.cli(["-d", category, "-a", "nosuchCAE", "--out", out]) == 2
+    assert "--architecture" in _one_line_error(capsys)
+    assert train.cli(["-d", category, "-c", "cmyk", "--out", out]) == 2
+    assert "--color" in _one_line_error(capsys)
+    assert train.cli(["-d", category, "-l", "l1", "--out", out]) == 2
+    assert "--loss" in _one_line_error(capsys)
+    assert not os.path.exists(out)  # nothing half-written
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.cli(["-d", str(tmp_path / "missing"), "--out", out, "--epochs", "1"]) == 2
+    assert "missing" in _one_line_error(capsys)
+    assert not os.path.exists(out)
+
+
+def test_corrupt_training_image_leaves_nothing(tmp_path, capsys):
+    root = make_mvtec(str(tmp_path / "c"), size=32, n_train=4, n_good=1, defects=("d",), n_defect=1, channels=1)
+    open(os.path.join(root, "train", "good", "002.png"), "wb").write(b"\x89PNG broken")
+    out = str(tmp_path / "run")
+    assert train.cli(["-d", root, "--size", "32", "--out", out, "--epochs", "1"]) == 2
+    assert "002.png" in _one_line_error(capsys)
+    assert not os.path.exists(out)
+
+
+def test_extract_rejects_unknown_method(category, capsys):
+    assert extract.cli(["-d", category, "-m", "knn"]) == 2
+    assert "--method" in _one_line_error(capsys)
+
+
+def test_unknown_subcommand(capsys):
+    assert mvtec_main(["frobnicate"]) == 2
+
+
+def test_script_wrapper_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "test.py"), "-p", str(tmp_path / "none")],
+                       capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
