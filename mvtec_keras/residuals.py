@@ -83,7 +83,7 @@ def gaussian_blur(maps, sigma: float = 4.0):
     Separable, truncated at 4 sigma, reflect extension: matches
     ``scipy.ndimage.gaussian_filter(m, sigma, mode='reflect', truncate=4.0)`` per map.
     """
-    maps = ops.convert_to_tensor(maps, dtype="float32")
+    maps = _float32(maps)
     if len(maps.shape) != 3:
         raise InputError(f"gaussian_blur expects maps [B, H, W], got shape {tuple(maps.shape)}")
     if sigma == 0:
@@ -123,9 +123,14 @@ def to_rgb(x):
 # -- SSIM --------------------------------------------------------------------
 
 
+def _float32(x):
+    """To float32, casting (mixed-precision models hand over bfloat16 reconstructions)."""
+    x = ops.convert_to_tensor(x)
+    return x if x.dtype == "float32" else ops.cast(x, "float32")
+
+
 def _pair(x, y):
-    x = ops.convert_to_tensor(x, dtype="float32")
-    y = ops.convert_to_tensor(y, dtype="float32")
+    x, y = _float32(x), _float32(y)
     # Keras hands losses y_true with unknown spatial dims (from tf.data): take them from the other side.
     if len(x.shape) == 4 and len(y.shape) == 4:
         if None in x.shape[1:] and None not in y.shape[1:]:
@@ -274,7 +279,7 @@ def image_scores(maps, reduction: str = "max", k_fraction: float = 0.01):
     steadier than the max, more local than the mean. Reductions never cross
     the batch axis.
     """
-    maps = ops.convert_to_tensor(maps, dtype="float32")
+    maps = _float32(maps)
     if len(maps.shape) == 4 and maps.shape[-1] == 1:
         maps = maps[..., 0]
     if len(maps.shape) != 3:

@@ -109,7 +109,7 @@ def lr_range_test(
     opt_vars = [v.numpy().copy() for v in model.optimizer.variables] if model.optimizer.built else None
     lrs = np.geomspace(min_lr, max_lr, steps)
     sweep = _LRSweep(lrs)
-    model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, callbacks=[sweep], verbose=0)
+    model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, callbacks=[sweep], verbose=0, shuffle=False)
     for w, v in zip(model.weights, saved):
         w.assign(v)
     if opt_vars is not None:

@@ -1,0 +1,204 @@
+"""Benchmark: the autoencoder pipeline (train -> finetune -> test) on a real MVTec AD category.
+
+Reads the data from ../shared/data/mvtec_ad/<category> (never copied into the repo), runs the same
+package code as train.py / finetune.py / test.py, measures throughput, and writes
+docs/bench_autoencoders.md plus raw JSON under bench/results/.
+
+    python bench/autoencoders.py                       # mvtecCAE + baselineCAE on bottle
+    python bench/autoencoders.py --configs mvtecCAE:ssim:grayscale:256 --epochs 80
+
+A config is ARCH:LOSS:COLOR:SIZE[:PRECISION] (float32 or mixed_bfloat16). Throughput figures are steady-state (after a warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle")
+
+
+def machine() -> str:
+    load = os.getloadavg()[0]
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load:.1f} at start"
+
+
+def train_throughput(arch, loss, color, size, batch, steps, jit, images, precision="float32"):
+    """Steady-state training img/s of model.fit in graph mode on in-memory real images."""
+    import keras
+
+    from mvtec_keras import residuals
+    from mvtec_keras.models import build_autoencoder
+
+    x = images[: batch * steps]
+    while len(x) < batch * steps:
+        x = __import__("numpy").concatenate([x, images])[: batch * steps]
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        model = build_autoencoder(arch, (size, size, 1 if color == "grayscale" else 3))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=residuals.get_loss(loss), jit_compile=jit)
+    model.fit(x[: batch * 3], x[: batch * 3], batch_size=batch, verbose=0)  # trace + warm up
+    t = time.perf_counter()
+    model.fit(x, x, batch_size=batch, verbose=0, shuffle=False)
+    return len(x) / (time.perf_counter() - t)
+
+
+def inference_throughput(detector, images, batch, repeats=3):
+    """img/s of reconstruction + residual map + image score, on in-memory batches."""
+    import numpy as np
+
+    batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    detector.score_batch(batches[0])  # trace
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for b in batches:
+            s, m = detector.score_batch(b)
+            np.asarray(m)
+        best = max(best, len(batches) * batch / (time.perf_counter() - t))
+    return best
+
+
+def run_config(cfg, args, results_dir):
+    import numpy as np
+
+    from mvtec_keras.cli import finetune, test, train
+    from mvtec_keras.data import Preprocessing, discover_mvtec, load_arrays
+    from mvtec_keras.detectors import load_detector
+
+    arch, loss, color, size, precision = (cfg.split(":") + ["float32"])[:5]
+    size = int(size)
+    name = f"{arch}-{loss}-{color}-{size}-{precision}"
+    out = os.path.join(results_dir, name)
+    if os.path.exists(out):
+        import shutil
+
+        shutil.rmtree(out)
+    cat = discover_mvtec(args.data)
+    prep = Preprocessing(size=size, color_mode=color)
+    imgs = load_arrays(cat.train[: args.batch * 8], prep)["image"]
+    row = {"config": name, "architecture": arch, "loss": loss, "color": color, "size": size, "precision": precision}
+
+    print(f"== {name}: training throughput (graph mode, batch {args.batch})", flush=True)
+    row["train_img_s"] = train_throughput(arch, loss, color, size, args.batch, 8, False, imgs, precision)
+    if args.xla:
+        row["train_img_s_xla"] = train_throughput(arch, loss, color, size, args.batch, 8, True, imgs, precision)
+    print(f"   {row['train_img_s']:.1f} img/s" + (f", XLA {row['train_img_s_xla']:.1f} img/s" if args.xla else ""))
+
+    print(f"== {name}: train.py (up to {args.epochs} epochs, early stopping)", flush=True)
+    t0 = time.time()
+    train.main(["-d", args.data, "-a", arch, "-l", loss, "-c", color, "--size", str(size), "-b", str(args.batch),
+                "--epochs", str(args.epochs), "--lr", args.lr, "--patience", str(args.patience), "--out", out,
+                "--precision", precision, "-q"])
+    row["train_wall_s"] = time.time() - t0
+    info = json.load(open(os.path.join(out, "info.json")))
+    row["epochs"] = info["training"]["epochs_trained"]
+    row["train_img_s_end_to_end"] = info["training"]["images_per_second"]
+
+    det = load_detector(out)
+    row["inference_img_s"] = inference_throughput(det, imgs, args.batch)
+    print(f"   {row['epochs']} epochs in {row['train_wall_s']:.0f} s; inference {row['inference_img_s']:.1f} img/s")
+
+    for method in (["ssim", "l2"] if loss != "l2" else ["l2", "ssim"]):
+        t0 = time.time()
+        finetune.main(["-p", out, "-m", method, "-q"])
+        ft_s = time.time() - t0
+        t0 = time.time()
+        test.main(["-p", out, "-q"])
+        test_s = time.time() - t0
+        res = json.load(open(os.path.join(out, "test", "test_result.json")))
+        ft = json.load(open(os.path.join(out, "finetune.json")))
+        row[f"residual_{method}"] = {
+            **{k: res.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "tpr", "tnr", "balanced_accuracy",
+                                       "min_area", "threshold", "n_images")},
+            "finetune_balanced_accuracy": ft.get("score"),
+            "finetune_s": ft_s,
+            "test_s": test_s,
+        }
+        r = row[f"residual_{method}"]
+        print(f"   residual {method}: image AUROC {r['image_auroc']:.3f}, pixel AUROC {r['pixel_auroc']:.3f}, "
+              f"AUPRO {r['aupro']:.3f}, balanced acc {r['balanced_accuracy']:.3f} "
+              f"(finetune {ft_s:.0f} s, test {test_s:.0f} s)", flush=True)
+    return row
+
+
+def write_markdown(rows, args, path, started):
+    lines = [
+        "# Autoencoder benchmark",
+        "",
+        f"Data: MVTec AD `bottle` read from `../shared/data/mvtec_ad/bottle` (209 train/good, 83 test).",
+        f"Machine: {started}. Date: {time.strftime('%Y-%m-%d')}.",
+        "",
+        "Reproduce:",
+        "",
+        "```bash",
+        "python bench/autoencoders.py " + " ".join(sys.argv[1:]),
+        "```",
+        "",
+        "Training img/s: steady-state `model.fit` in graph mode on in-memory images at the given batch;",
+        "end to end: epochs x train images / wall time of train.py (data pipeline, validation, callbacks).",
+        "Inference img/s: reconstruction + residual map + image score per batch of in-memory images.",
+        "Metrics come from test.py on the test set minus the finetune split (20 % of each type).",
+        "",
+        "| config | train img/s | XLA img/s | end-to-end train img/s | epochs | train wall s | inference img/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        xla = f"{r['train_img_s_xla']:.1f}" if "train_img_s_xla" in r else "-"
+        lines.append(f"| {r['config']} | {r['train_img_s']:.1f} | {xla} | {r['train_img_s_end_to_end']:.1f} | "
+                     f"{r['epochs']} | {r['train_wall_s']:.0f} | {r['inference_img_s']:.1f} |")
+    lines += ["", "| config | residual map | image AUROC | pixel AUROC | AUPRO | TPR | TNR | balanced acc | min_area |"
+              " test images | finetune s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for method in ("ssim", "l2"):
+            m = r.get(f"residual_{method}")
+            if not m:
+                continue
+            lines.append(
+                f"| {r['config']} | {method} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['aupro']:.3f} | "
+                f"{m['tpr']:.3f} | {m['tnr']:.3f} | {m['balanced_accuracy']:.3f} | {m['min_area']} | "
+                f"{m['n_images']} | {m['finetune_s']:.1f} |"
+            )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--configs", nargs="+", default=["mvtecCAE:ssim:grayscale:256", "baselineCAE:ssim:grayscale:256"])
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--patience", type=int, default=12)
+    p.add_argument("--lr", default="2e-4")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--xla", action="store_true", help="also measure training throughput with jit_compile=True")
+    p.add_argument("--doc", default=os.path.join(REPO, "docs", "bench_autoencoders.md"))
+    args = p.parse_args()
+    if not os.path.isdir(args.data):
+        print(f"error: data folder not found: {args.data}", file=sys.stderr)
+        return 2
+    results_dir = os.path.join(REPO, "bench", "results", "autoencoders")
+    os.makedirs(results_dir, exist_ok=True)
+    started = machine()
+    rows = [run_config(c, args, results_dir) for c in args.configs]
+    with open(os.path.join(results_dir, "results.json"), "w") as f:
+        json.dump({"machine": started, "args": vars(args), "rows": rows}, f, indent=2)
+    write_markdown(rows, args, args.doc, started)
+    print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
