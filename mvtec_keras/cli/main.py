@@ -39,13 +39,14 @@ def _run(argv):
     p.add_argument("-l", "--loss", default="ssim")
     p.add_argument("-c", "--color", default="grayscale")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--precision", default="auto", help="float32 | mixed_bfloat16 | auto (default)")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--out", default=os.path.join("runs", "main-job"))
     args = p.parse_args(argv)
     from . import finetune, test, train
 
     train_args = ["-a", args.architecture, "-l", args.loss, "-c", args.color, "--epochs", str(args.epochs),
-                  "--out", args.out]
+                  "--precision", args.precision, "--out", args.out]
     if args.data:
         train_args += ["-d", args.data]
     if args.size:

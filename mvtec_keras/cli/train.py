@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume an interrupted run in --out")
     p.add_argument("--jit", action="store_true", help="XLA jit_compile (slower on CPU; measure first)")
     p.add_argument("--precision", default="float32",
-                   help="float32 | mixed_bfloat16 (bfloat16 compute, float32 weights; ~3x faster on CPUs with "
-                        "AVX512-BF16, see docs/bench_autoencoders.md)")
+                   help="float32 | mixed_bfloat16 | auto (bfloat16 compute with float32 weights is several times "
+                        "faster on CPUs with AVX512-BF16; auto picks it there; see docs/bench_ae_throughput.md)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -55,8 +55,10 @@ def make_detector(args, prep):
     if arch in AE_ARCHITECTURES:
         from ..detectors.autoencoder import AutoencoderDetector
 
-        from ..detectors.autoencoder import PRECISIONS
+        from ..detectors.autoencoder import PRECISIONS, fast_precision
 
+        if args.precision == "auto":
+            args.precision = fast_precision()
         if args.precision not in PRECISIONS:
             raise InputError(f"--precision: unknown '{args.precision}'; choose {' or '.join(PRECISIONS)}")
         if args.loss not in ("ssim", "mssim", "l2"):

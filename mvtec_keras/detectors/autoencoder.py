@@ -23,6 +23,19 @@ MODEL_FILE = "model.keras"
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
+def fast_precision() -> str:
+    """``mixed_bfloat16`` where the CPU has native bfloat16 (AVX512-BF16 / AMX), else ``float32``.
+
+    Without native support bfloat16 is emulated and slower than float32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 def _pairs(data, batch_size):
     """(x, x) batches for autoencoder training from a dict dataset or an array."""
     if isinstance(data, tf.data.Dataset):
