@@ -1,0 +1,443 @@
+"""Shared pieces of the pretrained-feature detectors (Mahalanobis, SPADE, PaDiM, PatchCore).
+
+- backbone handling: build from a name or accept an injected ``keras.Model``;
+  save / load the extractor inside the detector folder (self-contained, offline);
+- streaming Gaussian statistics (shifted running sums in float64, batched
+  Cholesky inverse) and Ledoit-Wolf shrinkage from those streamed moments;
+- nearest neighbours in Keras ops (bank chunked to bound memory);
+- bilinear upsampling + Gaussian blur of anomaly maps;
+- greedy (farthest-point) coreset selection.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+import keras
+import tensorflow as tf
+from keras import ops
+from threadpoolctl import threadpool_limits
+
+from ..errors import InputError
+from .base import _iterate_batches
+
+EXTRACTOR_WEIGHTS = "extractor.weights.h5"
+EXTRACTOR_MODEL = "extractor.keras"
+
+
+# --------------------------------------------------------------------------- backbone
+class BackboneMixin:
+    """Backbone handling shared by the feature detectors.
+
+    ``backbone`` is either a name for :func:`build_feature_extractor` or a
+    ``keras.Model`` returning ``{"level<i>": [B, h, w, c]}`` (tests, custom
+    nets). A Model is not part of the config; it is saved whole with the detector.
+    """
+
+    def _init_backbone(self, backbone, weights, input_size):
+        if isinstance(backbone, keras.Model):
+            self._extractor = backbone
+            self.backbone = None
+        else:
+            self._extractor = None
+            self.backbone = backbone
+        self.weights = weights
+        self.input_size = input_size
+
+    def _backbone_config(self) -> dict:
+        return {"backbone": self.backbone, "weights": self.weights, "input_size": self.input_size}
+
+    def _needed_levels(self) -> tuple:
+        raise NotImplementedError
+
+    @property
+    def extractor(self) -> keras.Model:
+        if self._extractor is None:
+            if self.backbone is None:
+                raise InputError("no backbone: pass a backbone name or a keras.Model")
+            from ..features.extractor import build_feature_extractor
+
+            self._extractor = build_feature_extractor(
+                self.backbone, weights=self.weights, levels=tuple(self._needed_levels()), input_size=self.input_size
+            )
+        return self._extractor
+
+    def _save_extractor(self, dirpath: str) -> None:
+        if self.backbone is None:  # injected model: keep architecture and weights
+            self.extractor.save(os.path.join(dirpath, EXTRACTOR_MODEL))
+        else:
+            self.extractor.save_weights(os.path.join(dirpath, EXTRACTOR_WEIGHTS))
+
+    def _load_extractor(self, dirpath: str) -> None:
+        full = os.path.join(dirpath, EXTRACTOR_MODEL)
+        if os.path.isfile(full):
+            self._extractor = keras.saving.load_model(full, compile=False)
+            return
+        path = os.path.join(dirpath, EXTRACTOR_WEIGHTS)
+        if not os.path.isfile(path):
+            raise InputError(f"{dirpath}: saved detector lacks {EXTRACTOR_WEIGHTS}")
+        from ..features.extractor import build_feature_extractor
+
+        # Rebuild without downloading anything, then restore the saved weights.
+        self._extractor = build_feature_extractor(
+            self.backbone, weights=None, levels=tuple(self._needed_levels()), input_size=self.input_size
+        )
+        self._extractor.load_weights(path)
+
+    def _features(self, images, levels) -> list:
+        """Run the extractor; returns the requested levels as a list of tensors."""
+        ext, x = self.extractor, to_rgb(images)
+        if getattr(self, "_extract_for", None) != (id(ext), tuple(x.shape[1:])):
+            # A traced graph runs the backbone ~2x faster than eager dispatch; any batch size, one trace.
+            self._extract_fn = batch_function(lambda t: ext(t, training=False), x)
+            self._extract_for = (id(ext), tuple(x.shape[1:]))
+        out = self._extract_fn(x)
+        try:
+            return [out[f"level{int(lv)}"] for lv in levels]
+        except KeyError as e:
+            raise InputError(f"backbone output lacks {e.args[0]}; it has {sorted(out)}") from None
+
+
+def batch_function(fn, example):
+    """``tf.function`` of ``fn`` traced once for ``example``'s shape with any batch size."""
+    spec = tf.TensorSpec([None, *example.shape[1:]], tf.float32)
+    return tf.function(fn, input_signature=[spec], autograph=False)
+
+
+def to_rgb(images):
+    """float32 [B, H, W, C] with C in {1, 3} -> [B, H, W, 3] (grey tiled)."""
+    x = ops.convert_to_tensor(images, dtype="float32")
+    if len(x.shape) != 4 or x.shape[-1] not in (1, 3):
+        raise InputError(f"images must be [B, H, W, 1|3], got shape {tuple(x.shape)}")
+    if x.shape[-1] == 1:
+        x = ops.tile(x, (1, 1, 1, 3))
+    return x
+
+
+def iter_images(data, batch_size: int) -> Iterator[np.ndarray]:
+    """Image batches (float32 numpy) of a dataset of dicts or an image array."""
+    for batch in _iterate_batches(data, batch_size, progress=False):
+        if "image" not in batch:
+            raise InputError("training data has no 'image' entry")
+        yield np.asarray(batch["image"], dtype=np.float32)
+
+
+def pooled(feature):
+    """Global average pooling of [B, h, w, c] (a [B, c] input passes through)."""
+    return ops.mean(feature, axis=(1, 2)) if len(feature.shape) == 4 else feature
+
+
+def resize(x, size, method="bilinear"):
+    """Resize [B, h, w, c] to ``size``; a no-op when already there."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return x
+    return ops.image.resize(x, size, interpolation=method, antialias=False)
+
+
+# --------------------------------------------------------------------------- Gaussian statistics
+#: samples buffered before a fold into the running sums (bounded memory, few large matmuls)
+STATS_CHUNK = 64
+
+
+class GaussianStats:
+    """Streaming mean and scatter matrix over the leading axis, float64.
+
+    ``update(x)`` takes ``[n, ..., d]``: one Gaussian per trailing position
+    (``...``). Memory does not grow with the number of samples: samples are
+    buffered up to ``chunk`` rows, then folded into running sums of
+    ``y = x - shift`` and ``y y^T`` (float64), with ``shift`` the first batch
+    mean. Shifting keeps the sums well conditioned (the shifted-data
+    algorithm; equal to Chan's pairwise merge up to rounding) and makes each
+    fold a single batched matmul (float64 by default, ``product_dtype`` to
+    trade precision for speed). With ``fourth=True`` it also keeps the
+    fourth-order moments that Ledoit-Wolf needs.
+    """
+
+    def __init__(self, fourth: bool = False, chunk: Optional[int] = None, product_dtype: str = "float64"):
+        self.fourth = fourth
+        self.product_dtype = product_dtype
+        self.chunk = STATS_CHUNK if chunk is None else chunk
+        self._n = 0
+        self._buf, self._nbuf = [], 0
+        self._shift = self._s1 = self._s2 = None
+        self._s4 = None  # sum ||y||^4
+        self._s3 = None  # sum ||y||^2 y
+
+    def update(self, x) -> None:
+        x = np.asarray(x)
+        if x.shape[0] == 0:
+            return
+        self._buf.append(x)
+        self._nbuf += x.shape[0]
+        if self._nbuf >= self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        x = np.concatenate(self._buf)
+        self._buf, self._nbuf = [], 0
+        if self._shift is None:
+            self._shift = x.mean(axis=0, dtype=np.float64)
+            self._s1 = np.zeros_like(self._shift)
+            self._s2 = np.zeros(self._shift.shape + self._shift.shape[-1:])
+            if self.fourth:
+                self._s4, self._s3 = np.zeros(self._shift.shape[:-1]), np.zeros_like(self._shift)
+        self._n += x.shape[0]
+        # Products of one chunk in one batched TF matmul (numpy's stacked small-matrix
+        # path is ~10x slower); ``product_dtype="float32"`` is another ~8x faster for
+        # PaDiM's [positions, d, d]. The running sums are float64 either way.
+        dt = tf.as_dtype(self.product_dtype)
+        y = tf.cast(tf.convert_to_tensor(x), dt) - tf.constant(self._shift, dt)
+        yt = tf.transpose(y, list(range(1, len(y.shape))) + [0])  # [..., d, n]
+        self._s2 += tf.matmul(yt, yt, transpose_b=True).numpy()
+        y = y.numpy().astype(np.float64) if self.fourth else y
+        self._s1 += (np.sum(y, axis=0) if self.fourth else tf.reduce_sum(tf.cast(y, tf.float64), axis=0).numpy())
+        if self.fourth:
+            a = np.sum(y * y, axis=-1)
+            self._s4 += np.sum(a * a, axis=0)
+            self._s3 += np.sum(a[..., None] * y, axis=0)
+
+    @property
+    def n(self) -> int:
+        return self._n + self._nbuf
+
+    @property
+    def mean(self) -> np.ndarray:
+        self._flush()
+        return self._shift + self._s1 / self.n
+
+    @property
+    def scatter(self) -> np.ndarray:
+        """Sum of outer products of deviations from the mean."""
+        self._flush()
+        d = self._s1 / self.n
+        out = np.multiply(d[..., :, None], d[..., None, :])
+        out *= -self.n
+        out += self._s2  # in place: these can be [positions, d, d]
+        return out
+
+    def covariance(self, ddof: int = 1) -> np.ndarray:
+        self._flush()
+        if self.n - ddof <= 0:
+            raise InputError(f"need more than {ddof} training sample(s) to estimate a covariance, got {self.n}")
+        cov = self.scatter
+        cov /= self.n - ddof
+        return cov
+
+    def sum_fourth(self) -> np.ndarray:
+        """``sum_k ||x_k - mean||^4`` from the shifted moments (exact algebra)."""
+        if not self.fourth:
+            raise RuntimeError("GaussianStats(fourth=True) is needed for Ledoit-Wolf")
+        self._flush()
+        n, d = self.n, self._s1 / self.n  # d = mean - shift
+        c = np.sum(d * d, axis=-1)
+        # expand ||y - d||^4 with y = x - shift
+        syy_d = np.einsum("...ij,...j->...i", self._s2, d)
+        return (
+            self._s4
+            - 4.0 * np.sum(d * self._s3, axis=-1)
+            + 4.0 * np.sum(d * syy_d, axis=-1)
+            + 2.0 * c * np.trace(self._s2, axis1=-2, axis2=-1)
+            - 4.0 * c * np.sum(d * self._s1, axis=-1)
+            + n * c * c
+        )
+
+
+def batched_inverse(spd) -> np.ndarray:
+    """Inverse of a stack of SPD matrices [..., d, d] (float64) in one batched Cholesky solve.
+
+    TF's batched kernels are multithreaded; numpy's stacked ``inv`` runs one
+    small LAPACK call per matrix and is an order of magnitude slower here.
+    """
+    a = tf.convert_to_tensor(spd, tf.float64)
+    eye = tf.eye(a.shape[-1], batch_shape=a.shape[:-2], dtype=tf.float64)
+    return tf.linalg.cholesky_solve(tf.linalg.cholesky(a), eye).numpy()
+
+
+def ledoit_wolf(stats: GaussianStats):
+    """Ledoit-Wolf shrunk covariance from streamed moments.
+
+    Same estimator as ``sklearn.covariance.LedoitWolf`` (biased empirical
+    covariance shrunk towards ``mu * I``) without holding the samples.
+    Returns ``(covariance, shrinkage)`` for a single Gaussian.
+    """
+    emp = stats.scatter / stats.n
+    n, p = stats.n, emp.shape[-1]
+    if p == 1:
+        return emp, 0.0
+    mu = np.trace(emp) / p
+    delta_ = np.sum(emp * emp)  # = sum((X^T X)^2) / n^2
+    beta_ = stats.sum_fourth()  # = sum((X^2)^T X^2)
+    beta = (beta_ / n - delta_) / (p * n)
+    delta = (delta_ - 2.0 * mu * np.trace(emp) + p * mu * mu) / p
+    beta = min(beta, delta)
+    shrinkage = 0.0 if beta == 0 else float(beta / delta)
+    return (1.0 - shrinkage) * emp + shrinkage * mu * np.eye(p), shrinkage
+
+
+# --------------------------------------------------------------------------- maps
+def gaussian_kernel1d(sigma: float) -> np.ndarray:
+    radius = int(4.0 * sigma + 0.5)  # same truncation as scipy.ndimage
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_blur(maps, sigma: float):
+    """Separable Gaussian blur of [B, H, W] maps, reflect padding (scipy's 'reflect')."""
+    if not sigma or sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma)
+    r = len(k) // 2
+    x = ops.convert_to_tensor(maps, dtype="float32")[..., None]
+    h, w = x.shape[1], x.shape[2]
+    if r >= min(h, w):  # reflect padding needs r < size; small maps take a shorter kernel
+        k = gaussian_kernel1d(min(sigma, (min(h, w) - 1) / 4.0)) if min(h, w) > 1 else np.ones(1, np.float32)
+        r = len(k) // 2
+    # 'symmetric' mirrors the edge pixel too, which is scipy.ndimage's 'reflect'.
+    x = ops.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="symmetric")
+    x = ops.conv(x, ops.convert_to_tensor(k.reshape(-1, 1, 1, 1)), padding="valid")
+    x = ops.conv(x, ops.convert_to_tensor(k.reshape(1, -1, 1, 1)), padding="valid")
+    return x[..., 0]
+
+
+def upsample_blur(maps, size, sigma: float):
+    """[B, h, w] -> [B, H, W]: bilinear upsampling then Gaussian blur."""
+    x = resize(ops.convert_to_tensor(maps, dtype="float32")[..., None], size, "bilinear")[..., 0]
+    return gaussian_blur(x, sigma)
+
+
+# --------------------------------------------------------------------------- nearest neighbours
+def squared_distances(a, b, b_sq=None):
+    """Pairwise squared Euclidean distances [M, N] via one matmul (clipped at 0)."""
+    a_sq = ops.sum(a * a, axis=-1, keepdims=True)
+    if b_sq is None:
+        b_sq = ops.sum(b * b, axis=-1)
+    return ops.maximum(a_sq - 2.0 * ops.matmul(a, ops.transpose(b)) + b_sq[None, :], 0.0)
+
+
+def knn(queries, bank, k: int = 1, bank_sq=None, max_elements: int = 1 << 22):
+    """k nearest rows of ``bank`` for each query: ``(distances [M, k], indices [M, k])``.
+
+    The bank is processed in chunks so the distance block stays below
+    ``max_elements`` floats; a running top-k is merged chunk by chunk.
+    ``bank_sq`` (squared row norms) can be passed when the bank is reused.
+    """
+    queries = ops.convert_to_tensor(queries, dtype="float32")
+    bank = ops.convert_to_tensor(bank, dtype="float32")
+    if bank_sq is None:
+        bank_sq = ops.sum(bank * bank, axis=-1)
+    m, n = queries.shape[0] or 16384, int(bank.shape[0])  # m is unknown inside a relaxed trace
+    k = min(int(k), n)
+    chunk = max(k, min(n, max_elements // max(m, 1)))
+    # |q - b|^2 = |q|^2 + (|b|^2 - 2 q.b); the bracket is one matmul of [q, 1] with
+    # [-2 b, |b|^2], so ranking a chunk costs the matmul plus a single pass.
+    q_aug = ops.concatenate([queries, ops.ones_like(queries[:, :1])], axis=1)
+    q_sq = ops.sum(queries * queries, axis=1, keepdims=True)
+    best_d = best_i = None
+    for start in range(0, n, chunk):
+        b_aug = ops.concatenate([-2.0 * bank[start : start + chunk], bank_sq[start : start + chunk, None]], axis=1)
+        part = ops.matmul(q_aug, ops.transpose(b_aug))  # squared distance minus |q|^2
+        if k == 1:  # argmin + gather is cheaper than top_k
+            ci = ops.cast(ops.argmin(part, axis=1), "int32")[:, None]
+            cd = ops.take_along_axis(part, ci, axis=1)
+        else:
+            neg, ci = ops.top_k(-part, min(k, int(part.shape[1])))
+            cd, ci = -neg, ops.cast(ci, "int32")
+        ci = ci + start
+        if best_d is None:
+            best_d, best_i = cd, ci
+        elif k == 1:
+            better = cd < best_d
+            best_d, best_i = ops.where(better, cd, best_d), ops.where(better, ci, best_i)
+        else:
+            d_all = ops.concatenate([best_d, cd], axis=1)
+            i_all = ops.concatenate([best_i, ci], axis=1)
+            neg, pos = ops.top_k(-d_all, k)
+            best_d, best_i = -neg, ops.take_along_axis(i_all, pos, axis=1)
+    return ops.sqrt(ops.maximum(best_d + q_sq, 0.0)), best_i
+
+
+# --------------------------------------------------------------------------- coreset
+def greedy_coreset(
+    features, n_select: int, proj_dim: Optional[int] = 128, seed: int = 0, start: Optional[int] = None,
+    active_size: int = 1 << 13,
+):
+    """Greedy farthest-point (k-center) selection; returns indices in selection order.
+
+    Points are first projected to ``proj_dim`` dimensions with a seeded Gaussian
+    matrix (Johnson-Lindenstrauss). The first point is ``start`` (or a seeded
+    random one); each next one is the point farthest from those chosen so far.
+
+    Exact, but each step only touches an *active set*: the ``active_size``
+    points with the largest (possibly stale) distance bound. Distances only
+    shrink, so a point outside the set whose bound is below the threshold
+    ``tau`` cannot be the farthest while the best active point is >= ``tau``.
+    When that fails, the next candidates are brought up to date with one
+    matmul per lag group and a new round starts. The per-step matvec then runs
+    on a cache-sized block instead of the whole point cloud.
+    """
+    # Thousands of small BLAS calls: one thread avoids the per-call thread hand-off,
+    # which costs >10x (matvecs and the refresh matmuls alike) when cores are shared.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _greedy_coreset(features, n_select, proj_dim, seed, start, active_size)
+
+
+def _greedy_coreset(features, n_select, proj_dim, seed, start, active_size):
+    x = np.asarray(features, dtype=np.float32)
+    n = x.shape[0]
+    n_select = int(min(max(n_select, 1), n))
+    rng = np.random.default_rng(seed)
+    if proj_dim is not None and proj_dim < x.shape[1]:
+        proj = rng.standard_normal((x.shape[1], proj_dim)).astype(np.float32) / np.sqrt(proj_dim)
+        x = x @ proj
+    x = np.ascontiguousarray(x - x.mean(axis=0))  # centred: less cancellation in |x|^2 - 2x.c + |c|^2
+    x_sq = np.einsum("ij,ij->i", x, x)
+    first = int(rng.integers(n)) if start is None else int(start)
+
+    chosen = np.empty(n_select, dtype=np.int64)
+    chosen[0] = first
+    mind = np.maximum(x_sq - 2.0 * (x @ x[first]) + x_sq[first], 0.0)  # squared distance to the chosen set
+    done = np.ones(n, dtype=np.int64)  # how many chosen points each bound accounts for
+    target = int(min(n, max(active_size, 1)))
+    k = 1
+    while k < n_select:
+        # New round: threshold = target-th largest bound; refresh those candidates.
+        tau = np.partition(mind, n - target)[n - target]
+        if tau <= 0 and mind.max() <= 0:  # only duplicates of chosen points remain
+            break
+        cand = np.flatnonzero(mind >= tau)
+        lag = done[cand]
+        for v in np.unique(lag[lag < k]):
+            sub = cand[lag == v]
+            cen = chosen[v:k]
+            c2, c_sq = -2.0 * x[cen].T, x_sq[cen]
+            rows = max(1, (1 << 24) // len(cen))
+            for i in range(0, len(sub), rows):  # blocks of at most 16M distances
+                s = sub[i : i + rows]
+                d2 = x[s] @ c2
+                d2 += c_sq
+                mind[s] = np.minimum(mind[s], np.maximum(d2.min(axis=1) + x_sq[s], 0.0))
+        done[cand] = k
+        xa, xa_sq, ma = x[cand], x_sq[cand], mind[cand]
+        k = _farthest_steps(x, x_sq, cand, xa, xa_sq, ma, tau, chosen, k, n_select)
+        mind[cand] = ma
+        done[cand] = k
+    return chosen[:k]
+
+
+def _farthest_steps(x, x_sq, cand, xa, xa_sq, ma, tau, chosen, k, n_select):
+    """Greedy steps inside the active set while its best point beats ``tau``; returns k."""
+    while k < n_select:
+        j = int(np.argmax(ma))
+        if ma[j] < tau or ma[j] <= 0:  # an outside point may now be farther: next round
+            break
+        p = cand[j]
+        chosen[k] = p
+        k += 1
+        np.minimum(ma, np.maximum(xa_sq - 2.0 * (xa @ x[p]) + x_sq[p], 0.0), out=ma)
+    return k

@@ -1,0 +1,154 @@
+"""PaDiM: a Gaussian per feature-map position (Defard et al., 2020).
+
+The chosen backbone taps are brought to the finest tap's resolution (nearest
+upsampling), concatenated, and a seeded random subset of ``n_features``
+channels is kept. At every position a mean and covariance (+ ``eps * I``) are
+streamed over the training images; precision matrices come from one batched
+inverse. The anomaly map is the per-position Mahalanobis distance, upsampled
+bilinearly to the input size and blurred; the image score is its maximum.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from keras import ops
+
+from ..errors import InputError
+from .base import Detector, load_arrays, register_detector, save_arrays
+from . import feature_common
+from .feature_common import BackboneMixin, GaussianStats, iter_images, resize, to_rgb, upsample_blur
+
+STATE_FILE = "padim_state.npz"
+
+
+@register_detector("padim")
+class PadimDetector(BackboneMixin, Detector):
+    has_maps = True
+
+    def __init__(
+        self,
+        backbone="efficientnet-b0",
+        weights="imagenet",
+        input_size=None,
+        levels=(3, 4, 6),
+        n_features=100,
+        eps=0.01,
+        sigma=4.0,
+        seed=0,
+    ):
+        self._init_backbone(backbone, weights, input_size)
+        self.levels = levels
+        self.n_features = n_features
+        self.eps = eps
+        self.sigma = sigma
+        self.seed = seed
+
+    def get_config(self) -> dict:
+        return {
+            **self._backbone_config(),
+            "levels": [int(v) for v in self.levels],
+            "n_features": int(self.n_features),
+            "eps": float(self.eps),
+            "sigma": float(self.sigma),
+            "seed": int(self.seed),
+        }
+
+    def _needed_levels(self):
+        return tuple(int(v) for v in self.levels)
+
+    def _concat(self, images):
+        """Taps at the finest tap's resolution, concatenated: [B, h, w, C]."""
+        feats = self._features(images, self._needed_levels())
+        size = max((tuple(f.shape[1:3]) for f in feats), key=lambda s: s[0] * s[1])
+        return ops.concatenate([resize(f, size, "nearest") for f in feats], axis=-1)
+
+    def _embed(self, images):
+        return ops.take(self._concat(images), self._tensors()["idx"], axis=-1)
+
+    # -- fitting ---------------------------------------------------------------
+    def _fit(self, train, validation=None, batch_size: int = 16, **kwargs) -> None:
+        # float32 chunk products (float64 sums): fast for [positions, d, d], ~1e-6 relative
+        stats = GaussianStats(product_dtype="float32")
+        idx = None
+        for x in iter_images(train, batch_size):
+            emb = self._concat(x)
+            b, h, w, c = emb.shape
+            if idx is None:
+                if int(self.n_features) < 1:
+                    raise InputError(f"n_features must be >= 1, got {self.n_features}")
+                rng = np.random.default_rng(int(self.seed))
+                # A fixed random subset of channels (fewer than asked if the taps have fewer).
+                idx = np.sort(rng.permutation(c)[: min(int(self.n_features), c)]).astype(np.int32)
+                shape = (h, w)
+            elif (h, w) != shape:
+                raise InputError(f"training images give feature maps {h}x{w}, earlier ones {shape[0]}x{shape[1]}")
+            emb = ops.convert_to_numpy(ops.take(emb, idx, axis=-1))
+            stats.update(emb.reshape(b, h * w, -1))
+        if idx is None:
+            raise InputError("PaDiM got no training images")
+        n = stats.n
+        cov = stats.covariance(ddof=1)
+        mean = stats.mean.astype(np.float32)
+        del stats
+        diag = np.einsum("...ii->...i", cov)  # writable view of the diagonals
+        diag += float(self.eps)
+        self._cache = None
+        self.channel_idx_ = idx
+        self.feature_shape_ = np.asarray(shape, dtype=np.int64)
+        self.mean_ = mean  # [P, d]
+        self.n_train_ = int(n)
+        self.precision_ = feature_common.batched_inverse(cov).astype(np.float32)  # [P, d, d], one batched call
+
+    # -- scoring ---------------------------------------------------------------
+    def _tensors(self):
+        if getattr(self, "_cache", None) is None:
+            self._cache = {
+                "idx": ops.convert_to_tensor(self.channel_idx_, dtype="int32"),
+                "mean": ops.convert_to_tensor(self.mean_),
+                "prec": ops.convert_to_tensor(self.precision_),
+            }
+        return self._cache
+
+    def distance_map(self, images):
+        """Per-position Mahalanobis distance at feature resolution, [B, h, w]."""
+        self._check_fitted()
+        emb = self._embed(images)
+        b, h, w, d = emb.shape
+        if (h, w) != tuple(int(v) for v in self.feature_shape_):
+            raise InputError(
+                f"images give feature maps {h}x{w} but the detector was fitted on "
+                f"{self.feature_shape_[0]}x{self.feature_shape_[1]}: use the training image size"
+            )
+        t = self._tensors()
+        diff = ops.reshape(emb, (-1, h * w, d)) - t["mean"][None]
+        d2 = ops.sum(ops.einsum("bpi,pij->bpj", diff, t["prec"]) * diff, axis=-1)
+        return ops.reshape(ops.sqrt(ops.maximum(d2, 0.0)), (-1, h, w))
+
+    def score_batch(self, images):
+        # Eager: the backbone is already a traced graph; the rest is a handful of
+        # large ops, so tracing them would cost more than it saves.
+        x = to_rgb(images)
+        maps = upsample_blur(self.distance_map(x), tuple(x.shape[1:3]), self.sigma)
+        return ops.max(maps, axis=(1, 2)), maps
+
+    # -- persistence -----------------------------------------------------------
+    def _save_state(self, dirpath: str) -> None:
+        save_arrays(
+            os.path.join(dirpath, STATE_FILE),
+            channel_idx=self.channel_idx_,
+            feature_shape=self.feature_shape_,
+            mean=self.mean_,
+            precision=self.precision_,
+            n_train=np.int64(self.n_train_),
+        )
+        self._save_extractor(dirpath)
+
+    def _load_state(self, dirpath: str) -> None:
+        a = load_arrays(os.path.join(dirpath, STATE_FILE))
+        self.channel_idx_, self.feature_shape_ = a["channel_idx"], a["feature_shape"]
+        self.mean_, self.precision_ = a["mean"], a["precision"]
+        self.n_train_ = int(a["n_train"])
+        self._cache = None
+        self._load_extractor(dirpath)

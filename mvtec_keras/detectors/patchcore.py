@@ -1,0 +1,180 @@
+"""PatchCore: a coreset memory bank of locally aware patch features (Roth et al., 2022).
+
+Patch features: two mid-level taps, each 3x3 average-pooled (stride 1) so a
+patch sees its neighbourhood, the coarser bilinearly upsampled to the finer
+resolution, concatenated, optionally reduced to ``embed_dim`` channels by
+adaptive average pooling over the channel axis. The memory bank is a greedy
+k-center coreset (``coreset_ratio`` of the training patches, computed in a
+random ``proj_dim`` projection, at most ``max_bank_size`` patches).
+
+Scoring: distance of every test patch to its nearest bank patch gives the
+map (upsampled, blurred). The image score is the largest patch distance
+``s*``, reweighted as in the paper by ``1 - softmax`` of the distances from
+that test patch to the ``num_neighbors`` bank neighbours of its nearest
+bank patch ``m*`` (``m*`` first): an outlier in a sparse bank region counts less.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from keras import ops
+
+from ..errors import InputError
+from .base import Detector, load_arrays, register_detector, save_arrays
+from .feature_common import BackboneMixin, greedy_coreset, iter_images, knn, resize, to_rgb, upsample_blur
+
+STATE_FILE = "patchcore_state.npz"
+
+
+@register_detector("patchcore")
+class PatchcoreDetector(BackboneMixin, Detector):
+    has_maps = True
+
+    def __init__(
+        self,
+        backbone="efficientnet-b0",
+        weights="imagenet",
+        input_size=None,
+        levels=(4, 6),
+        embed_dim=None,
+        coreset_ratio=0.1,
+        max_bank_size=100_000,
+        proj_dim=128,
+        num_neighbors=9,
+        sigma=4.0,
+        seed=0,
+    ):
+        self._init_backbone(backbone, weights, input_size)
+        self.levels = levels
+        self.embed_dim = embed_dim
+        self.coreset_ratio = coreset_ratio
+        self.max_bank_size = max_bank_size
+        self.proj_dim = proj_dim
+        self.num_neighbors = num_neighbors
+        self.sigma = sigma
+        self.seed = seed
+
+    def get_config(self) -> dict:
+        return {
+            **self._backbone_config(),
+            "levels": [int(v) for v in self.levels],
+            "embed_dim": None if self.embed_dim is None else int(self.embed_dim),
+            "coreset_ratio": float(self.coreset_ratio),
+            "max_bank_size": int(self.max_bank_size),
+            "proj_dim": None if self.proj_dim is None else int(self.proj_dim),
+            "num_neighbors": int(self.num_neighbors),
+            "sigma": float(self.sigma),
+            "seed": int(self.seed),
+        }
+
+    def _needed_levels(self):
+        return tuple(int(v) for v in self.levels)
+
+    def patch_features(self, images):
+        """Locally aware patch features, [B, h, w, C]."""
+        # 3x3 neighbourhood mean over a zero-padded map (border patches average in
+        # the padding, as the reference implementation's unfold does).
+        feats = [
+            ops.average_pool(ops.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0))), pool_size=3, strides=1, padding="valid")
+            for f in self._features(images, self._needed_levels())
+        ]
+        size = max((tuple(f.shape[1:3]) for f in feats), key=lambda s: s[0] * s[1])
+        x = ops.concatenate([resize(f, size, "bilinear") for f in feats], axis=-1)
+        if self.embed_dim is not None and int(self.embed_dim) != x.shape[-1]:
+            x = ops.matmul(x, ops.convert_to_tensor(_adaptive_pool_matrix(x.shape[-1], int(self.embed_dim))))
+        return x
+
+    # -- fitting ---------------------------------------------------------------
+    def _fit(self, train, validation=None, batch_size: int = 16, **kwargs) -> None:
+        if not 0.0 < float(self.coreset_ratio) <= 1.0:
+            raise InputError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if int(self.max_bank_size) < 1:
+            raise InputError(f"max_bank_size must be >= 1, got {self.max_bank_size}")
+        chunks, shape = [], None
+        for x in iter_images(train, batch_size):
+            f = ops.convert_to_numpy(self.patch_features(x))
+            if shape is None:
+                shape = f.shape[1:3]
+            elif f.shape[1:3] != shape:
+                raise InputError(f"training images give feature maps {f.shape[1:3]}, earlier ones {shape}")
+            chunks.append(f.reshape(-1, f.shape[-1]))
+        if not chunks:
+            raise InputError("PatchCore got no training images")
+        patches = np.concatenate(chunks)
+        del chunks
+        n_keep = min(int(math.ceil(float(self.coreset_ratio) * len(patches))), int(self.max_bank_size))
+        if n_keep >= len(patches):
+            idx = np.arange(len(patches))
+        else:
+            idx = greedy_coreset(patches, n_keep, proj_dim=self.proj_dim, seed=int(self.seed))
+        self._cache = None
+        self.memory_bank_ = np.ascontiguousarray(patches[idx], dtype=np.float32)
+        self.memory_bank_size_ = len(self.memory_bank_)
+        self.feature_shape_ = np.asarray(shape, dtype=np.int64)
+        self.n_train_patches_ = len(patches)
+
+    # -- scoring ---------------------------------------------------------------
+    def _tensors(self):
+        if getattr(self, "_cache", None) is None:
+            bank = ops.convert_to_tensor(self.memory_bank_)
+            self._cache = (bank, ops.sum(bank * bank, axis=-1))
+        return self._cache
+
+    def score_batch(self, images):
+        self._check_fitted()
+        # Eager on purpose: the backbone is a traced graph already, and tracing the
+        # chunked nearest-neighbour loop (unrolled) costs more than it saves.
+        images = to_rgb(images)
+        size = tuple(images.shape[1:3])
+        f = self.patch_features(images)
+        b, h, w, c = f.shape
+        if (h, w) != tuple(int(v) for v in self.feature_shape_):
+            fitted = "x".join(str(int(v)) for v in self.feature_shape_)
+            raise InputError(f"images give feature maps {h}x{w}, the detector was fitted on {fitted}: use the training size")
+        bank, bank_sq = self._tensors()
+        q = ops.reshape(f, (-1, c))
+        dist, nn = knn(q, bank, 1, bank_sq=bank_sq)
+        dist = ops.reshape(dist, (-1, h * w))
+        nn = ops.reshape(nn, (-1, h * w))
+        maps = upsample_blur(ops.reshape(dist, (-1, h, w)), size, self.sigma)
+
+        # Paper's reweighting of the most anomalous patch of each image.
+        worst = ops.argmax(dist, axis=1)[:, None]
+        s_star = ops.take_along_axis(dist, worst, axis=1)[:, 0]
+        m_star = ops.take_along_axis(nn, worst, axis=1)[:, 0]
+        m_test = ops.take_along_axis(ops.reshape(f, (-1, h * w, c)), worst[:, :, None], axis=1)[:, 0]
+        _, neigh = knn(ops.take(bank, m_star, axis=0), bank, int(self.num_neighbors), bank_sq=bank_sq)
+        d_neigh = ops.sqrt(ops.sum((ops.take(bank, neigh, axis=0) - m_test[:, None, :]) ** 2, axis=-1))
+        weight = 1.0 - ops.softmax(d_neigh, axis=-1)[:, 0]
+        return weight * s_star, maps
+
+    # -- persistence -----------------------------------------------------------
+    def _save_state(self, dirpath: str) -> None:
+        save_arrays(
+            os.path.join(dirpath, STATE_FILE),
+            memory_bank=self.memory_bank_,
+            feature_shape=self.feature_shape_,
+            n_train_patches=np.int64(self.n_train_patches_),
+        )
+        self._save_extractor(dirpath)
+
+    def _load_state(self, dirpath: str) -> None:
+        a = load_arrays(os.path.join(dirpath, STATE_FILE))
+        self.memory_bank_ = a["memory_bank"]
+        self.memory_bank_size_ = len(self.memory_bank_)
+        self.feature_shape_ = a["feature_shape"]
+        self.n_train_patches_ = int(a["n_train_patches"])
+        self._cache = None
+        self._load_extractor(dirpath)
+
+
+def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_in, n_out] averaging matrix: bin i covers [floor(i*n/m), ceil((i+1)*n/m))."""
+    m = np.zeros((n_in, n_out), np.float32)
+    for i in range(n_out):  # n_out bins, built once
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[lo:hi, i] = 1.0 / (hi - lo)
+    return m

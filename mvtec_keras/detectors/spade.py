@@ -1,0 +1,137 @@
+"""SPADE: k nearest training images, then pixel-level matching (Cohen & Hoshen, 2020).
+
+Image score: mean Euclidean distance from the pooled features of the test
+image to its ``k`` nearest training images. Anomaly map: for every level in
+``map_levels`` and every position, the smallest distance to any position of
+those ``k`` images' feature maps; the level maps are upsampled to the input
+size, averaged and blurred. The memory bank keeps at most ``max_bank_images``
+training images (uniform reservoir sample beyond that).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from keras import ops
+
+from ..errors import InputError
+from .base import Detector, load_arrays, register_detector, save_arrays
+from .feature_common import BackboneMixin, gaussian_blur, iter_images, knn, pooled, resize
+
+STATE_FILE = "spade_state.npz"
+
+
+@register_detector("spade")
+class SpadeDetector(BackboneMixin, Detector):
+    has_maps = True
+
+    def __init__(
+        self,
+        backbone="efficientnet-b0",
+        weights="imagenet",
+        input_size=None,
+        image_level=9,
+        map_levels=(3, 4, 6),
+        k=50,
+        sigma=4.0,
+        max_bank_images=1000,
+        seed=0,
+    ):
+        self._init_backbone(backbone, weights, input_size)
+        self.image_level = image_level
+        self.map_levels = map_levels
+        self.k = k
+        self.sigma = sigma
+        self.max_bank_images = max_bank_images
+        self.seed = seed
+
+    def get_config(self) -> dict:
+        return {
+            **self._backbone_config(),
+            "image_level": int(self.image_level),
+            "map_levels": [int(v) for v in self.map_levels],
+            "k": int(self.k),
+            "sigma": float(self.sigma),
+            "max_bank_images": int(self.max_bank_images),
+            "seed": int(self.seed),
+        }
+
+    def _needed_levels(self):
+        return tuple(dict.fromkeys([int(self.image_level), *(int(v) for v in self.map_levels)]))
+
+    def _split(self, images):
+        feats = dict(zip(self._needed_levels(), self._features(images, self._needed_levels())))
+        return pooled(feats[int(self.image_level)]), [feats[int(v)] for v in self.map_levels]
+
+    # -- fitting ---------------------------------------------------------------
+    def _fit(self, train, validation=None, batch_size: int = 16, **kwargs) -> None:
+        if int(self.k) < 1 or int(self.max_bank_images) < 1:
+            raise InputError(f"k and max_bank_images must be >= 1, got {self.k} and {self.max_bank_images}")
+        cap = int(self.max_bank_images)
+        rng = np.random.default_rng(int(self.seed))
+        bank, seen = [], 0  # entries: (pooled vector, [per-level maps])
+        for x in iter_images(train, batch_size):
+            g, maps = self._split(x)
+            g = ops.convert_to_numpy(g)
+            maps = [ops.convert_to_numpy(m) for m in maps]
+            for i in range(len(g)):  # reservoir sampling keeps memory bounded by `cap`
+                slot = seen if seen < cap else int(rng.integers(seen + 1))
+                seen += 1
+                entry = (g[i].copy(), [m[i].copy() for m in maps])
+                if slot == len(bank):
+                    bank.append(entry)
+                elif slot < cap:
+                    bank[slot] = entry
+        if not seen:
+            raise InputError("SPADE got no training images")
+        n = len(bank)
+        self._cache = None
+        self.image_bank_ = np.stack([e[0] for e in bank]).astype(np.float32)
+        self.map_banks_ = [np.stack([e[1][j] for e in bank]).astype(np.float32) for j in range(len(self.map_levels))]
+        self.memory_bank_size_ = n
+        self.n_train_ = seen
+
+    # -- scoring ---------------------------------------------------------------
+    def _tensors(self):
+        if getattr(self, "_cache", None) is None:
+            self._cache = (ops.convert_to_tensor(self.image_bank_), [ops.convert_to_tensor(m) for m in self.map_banks_])
+        return self._cache
+
+    def score_batch(self, images):
+        self._check_fitted()
+        size = tuple(ops.shape(images)[1:3])
+        g, maps = self._split(images)
+        bank_img, bank_maps = self._tensors()
+        dist, nn = knn(g, bank_img, int(self.k))  # k is clipped to the bank size
+        scores = ops.mean(dist, axis=1)
+        level_maps = []
+        for f, bank in zip(maps, bank_maps):
+            b, h, w, c = f.shape
+            if (h, w) != tuple(bank.shape[1:3]):
+                raise InputError(f"images give {h}x{w} feature maps, the bank holds {bank.shape[1]}x{bank.shape[2]}")
+            gallery = ops.reshape(ops.take(bank, nn, axis=0), (b, -1, c))  # [B, k*h*w, c]
+            query = ops.reshape(f, (b, h * w, c))
+            # one image at a time: the gallery differs per test image
+            per = [knn(query[i], gallery[i], 1)[0][:, 0] for i in range(b)]
+            m = ops.reshape(ops.stack(per, axis=0), (b, h, w, 1))
+            level_maps.append(resize(m, size, "bilinear")[..., 0])
+        maps = gaussian_blur(ops.mean(ops.stack(level_maps, axis=0), axis=0), self.sigma)
+        return scores, maps
+
+    # -- persistence -----------------------------------------------------------
+    def _save_state(self, dirpath: str) -> None:
+        arrays = {"image_bank": self.image_bank_, "n_train": np.int64(self.n_train_)}
+        for i, m in enumerate(self.map_banks_):
+            arrays[f"map_bank_{i}"] = m
+        save_arrays(os.path.join(dirpath, STATE_FILE), **arrays)
+        self._save_extractor(dirpath)
+
+    def _load_state(self, dirpath: str) -> None:
+        a = load_arrays(os.path.join(dirpath, STATE_FILE))
+        self.image_bank_ = a["image_bank"]
+        self.map_banks_ = [a[f"map_bank_{i}"] for i in range(len(self.map_levels))]
+        self.memory_bank_size_ = len(self.image_bank_)
+        self.n_train_ = int(a["n_train"])
+        self._cache = None
+        self._load_extractor(dirpath)
