@@ -140,3 +140,28 @@ def test_script_wrapper_exit_code(tmp_path):
                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+@pytest.mark.parametrize("method,param", [("padim", "n_features=20"), ("mahalanobis", "levels=[7,8,9]")])
+def test_extract_then_finetune_and_test(category, tmp_path, method, param):
+    """Feature detectors go through the same finetune.py / test.py as the autoencoders."""
+    out = str(tmp_path / method)
+    assert extract.cli(["-d", category, "-m", method, "-b", "efficientnet-b0", "-w", "none", "--size", "64",
+                        "--param", param, "--out", out, "-q"]) == 0
+    for f in ("info.json", "detector.json"):
+        assert os.path.isfile(os.path.join(out, f))
+    assert finetune.cli(["-p", out, "--min-area", "5:50:5", "-q"]) == 0
+    ft = json.load(open(os.path.join(out, "finetune.json")))
+    assert ft["decision"] == ("segmentation" if method == "padim" else "image_score")
+    assert test.cli(["-p", out, "-q"]) == 0
+    res = json.load(open(os.path.join(out, "test", "test_result.json")))
+    assert res["n_images"] == 16 - len(ft["finetune_files"])
+    assert 0.0 <= res["image_auroc"] <= 1.0
+    assert (res["pixel_auroc"] is not None) == (method == "padim")
+
+
+def test_extract_bad_param(category, tmp_path, capsys):
+    assert extract.cli(["-d", category, "-m", "padim", "-b", "efficientnet-b0", "-w", "none",
+                        "--param", "bogus=1", "--out", str(tmp_path / "x")]) == 2
+    assert "--param" in _one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "x")

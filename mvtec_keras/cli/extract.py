@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     prep = Preprocessing(size=args.size or BACKBONES[args.backbone], color_mode=args.color, crop=args.crop)
     cls = detector_class(method)
     try:
-        detector = cls(backbone=args.backbone, weights=weights, **parse_params(args.param))
+        detector = cls(backbone=args.backbone, weights=weights, input_size=prep.output_size,
+                       **parse_params(args.param))
     except TypeError as e:
         raise InputError(f"--param: {e}") from None
     cat = resolve_category(args.data, args.abnormal, args.masks, args.seed)
