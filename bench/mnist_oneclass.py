@@ -1,0 +1,230 @@
+"""MNIST one-class benchmarks for GANomaly, EfficientGAN and the dense autoencoder.
+
+Protocols (AUROC on the MNIST test set, 1 = anomaly):
+  a  one digit anomalous, the nine others normal (train on their training images),
+  b  one digit normal, the nine others anomalous,
+  c  digits 7 and 8 normal, digit 2 anomalous (test set restricted to 2, 7, 8).
+
+Every run trains for a fixed number of optimiser steps and keeps the last
+weights: no model selection, no score normalisation, no look at test labels.
+Runs are ordered seed by seed, and the JSON of raw results is rewritten after
+each run, so a partial run is still usable.
+
+    .venv/bin/python bench/mnist_oneclass.py                     # everything
+    .venv/bin/python bench/mnist_oneclass.py --protocols a --digits 9 --seeds 0
+    .venv/bin/python bench/mnist_oneclass.py --report bench/results/mnist_oneclass.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from mvtec_keras.data.mnist import load_mnist, one_class_split  # noqa: E402
+from mvtec_keras.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
+
+# Fixed training budgets, sized for a shared 2-core CPU (see docs/bench_mnist.md).
+PRESETS = {
+    "ganomaly": {"steps": 1000, "batch_size": 64, "latent_dim": 16, "filters": 16, "learning_rate": 1e-3},
+    "efficientgan": {"steps": 400, "batch_size": 64, "latent_dim": 32, "filters": 16, "learning_rate": 1e-3},
+    "dense_ae": {"steps": 1000, "batch_size": 256, "latent_dim": 32, "learning_rate": 1e-3},
+}
+PROTOCOL_MODELS = {"a": ("ganomaly", "efficientgan", "dense_ae"), "b": ("ganomaly", "efficientgan", "dense_ae"),
+                   "c": ("efficientgan",)}
+
+
+def _ints(text, flag):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{flag}={text!r}: expected comma-separated integers") from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="../shared/data/mnist", help="folder with the four MNIST idx .gz files")
+    p.add_argument("--protocols", default="a,b,c", help="comma-separated subset of a,b,c")
+    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="digits for protocols a and b")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--models", default="ganomaly,efficientgan,dense_ae",
+                   help="protocol c only ever runs efficientgan")
+    p.add_argument("--steps", type=int, default=None, help="override every model's training steps")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="minutes: start no new run after this much wall time (results say what ran)")
+    p.add_argument("--out", default="bench/results/mnist_oneclass.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out and skip them (same protocol, case, model, seed)")
+    p.add_argument("--report", default=None, help="only print the markdown tables of this results JSON")
+    a = p.parse_args(argv)
+    a.protocols = [v for v in a.protocols.split(",") if v]
+    if not a.protocols or set(a.protocols) - set(PROTOCOL_MODELS):
+        raise InputError(f"--protocols={','.join(a.protocols)}: choose from a, b, c")
+    a.digits, a.seeds = _ints(a.digits, "--digits"), _ints(a.seeds, "--seeds")
+    if not a.digits or not set(a.digits) <= set(range(10)):
+        raise InputError("--digits: give digits between 0 and 9")
+    a.models = [v for v in a.models.split(",") if v]
+    if not a.models or set(a.models) - set(PRESETS):
+        raise InputError(f"--models={','.join(a.models)}: choose from {', '.join(PRESETS)}")
+    if a.steps is not None and a.steps < 1:
+        raise InputError("--steps must be positive")
+    return a
+
+
+def plan(args):
+    """The ordered list of runs: seed by seed, so that early seeds complete first."""
+    runs = []
+    for seed in args.seeds:
+        for proto in args.protocols:
+            cases = [("7,8 vs 2", [7, 8], [2])] if proto == "c" else [
+                (str(d), [v for v in range(10) if v != d], [d]) if proto == "a" else (str(d), [d], None)
+                for d in args.digits]
+            for case, normal, anomalous in cases:
+                for model in args.models:
+                    if model in PROTOCOL_MODELS[proto]:
+                        runs.append(dict(protocol=proto, case=case, normal=normal, anomalous=anomalous,
+                                         model=model, seed=seed))
+    return runs
+
+
+def run_one(run, data, steps_override):
+    from mvtec_keras.detectors.base import detector_class
+
+    preset = dict(PRESETS[run["model"]])
+    steps = steps_override or preset.pop("steps")
+    preset.pop("steps", None)
+    train, test, labels = one_class_split(*data, normal_digits=run["normal"], anomaly_digits=run["anomalous"])
+    det = detector_class(run["model"])(image_size=28, channels=1, epochs=1, steps_per_epoch=steps,
+                                       seed=run["seed"], **preset)
+    import keras
+
+    marks = []  # batch-end times: steady-state speed excludes graph tracing in the first step
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: marks.append(time.perf_counter()))
+    t0 = time.perf_counter()
+    det.fit(train, verbose=0, callbacks=[clock])
+    train_s = time.perf_counter() - t0
+    steady = (len(marks) - 1) / (marks[-1] - marks[0]) if len(marks) > 1 else float("nan")
+    t0 = time.perf_counter()
+    scores = det.score(test, batch_size=500).scores
+    score_s = time.perf_counter() - t0
+    return {**{k: v for k, v in run.items() if k not in ("normal", "anomalous")},
+            "auroc": float(roc_auc_score(labels, scores)), "steps": steps, "train_s": train_s,
+            "steps_per_s": steps / train_s, "steady_steps_per_s": steady, "score_s": score_s, "n_train": len(train), "n_test": len(test),
+            "final_losses": {k: v[-1] for k, v in det.history_.items()}, "config": det.get_config()}
+
+
+def markdown(results: dict) -> str:
+    """Per-protocol tables: AUROC mean ± std over seeds per digit, plus timing."""
+    rows = results["runs"]
+    out = []
+    for proto in ("a", "b", "c"):
+        sub = [r for r in rows if r["protocol"] == proto]
+        if not sub:
+            continue
+        models = [m for m in PRESETS if any(r["model"] == m for r in sub)]
+        cases = sorted({r["case"] for r in sub})
+        title = {"a": "(a) one digit anomalous, nine normal", "b": "(b) one digit normal, nine anomalous",
+                 "c": "(c) digits 7, 8 normal, digit 2 anomalous"}[proto]
+        out += [f"### Protocol {title}", "", "| case | " + " | ".join(models) + " |",
+                "|---|" + "---|" * len(models)]
+        means = {m: [] for m in models}
+        for case in cases:
+            cells = []
+            for m in models:
+                v = [r["auroc"] for r in sub if r["model"] == m and r["case"] == case]
+                if v:
+                    means[m].append(np.mean(v))
+                    cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f} (n={len(v)})")
+                else:
+                    cells.append("–")
+            out.append(f"| {case} | " + " | ".join(cells) + " |")
+        if len(cases) > 1:
+            out.append("| **mean** | " + " | ".join(
+                f"**{np.mean(means[m]):.3f}**" if means[m] else "–" for m in models) + " |")
+        out.append("")
+    out += ["### Training cost (this CPU, per run)", "", "| model | steps | batch | mean train s | steps/s "
+            "(incl. tracing) | steady steps/s | mean scoring s (10k images) | runs |", "|---|---|---|---|---|---|---|---|"]
+    for m in PRESETS:
+        sub = [r for r in rows if r["model"] == m]
+        if sub:
+            out.append(f"| {m} | {sub[0]['steps']} | {sub[0]['config']['batch_size']} | "
+                       f"{np.mean([r['train_s'] for r in sub]):.1f} | "
+                       f"{np.mean([r['steps_per_s'] for r in sub]):.1f} | "
+                       f"{np.mean([r['steady_steps_per_s'] for r in sub]):.1f} | "
+                       f"{_fmt(np.mean([r['score_s'] for r in sub if r['n_test'] == 10000] or [np.nan]))} | "
+                       f"{len(sub)} |")
+    return "\n".join(out)
+
+
+def _fmt(v):
+    return "–" if np.isnan(v) else f"{v:.1f}"
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        if args.report:
+            if not os.path.isfile(args.report):
+                raise InputError(f"{args.report}: results file not found")
+            print(markdown(json.load(open(args.report))))
+            return 0
+        data = load_mnist(args.data)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    import keras
+    import tensorflow as tf
+
+    runs = plan(args)
+    session = {"command": " ".join(["python", *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "load_avg_at_start": os.getloadavg()}
+    results = {
+        "env": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+                "cpus": os.cpu_count()},
+        "presets": PRESETS, "steps_override": args.steps, "sessions": [], "runs": [],
+    }
+    if args.resume and os.path.isfile(args.out):
+        previous = json.load(open(args.out))
+        if previous.get("presets") != PRESETS or previous.get("steps_override") != args.steps:
+            raise SystemExit(f"error: {args.out} was made with other training budgets; cannot resume")
+        results = previous
+        done = {(r["protocol"], r["case"], r["model"], r["seed"]) for r in results["runs"]}
+        runs = [r for r in runs if (r["protocol"], r["case"], r["model"], r["seed"]) not in done]
+    results["sessions"].append(session)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    t_start = time.perf_counter()
+    for i, run in enumerate(runs, 1):
+        if args.time_limit is not None and time.perf_counter() - t_start > 60 * args.time_limit:
+            session["stopped_early"] = f"time limit reached: {i - 1} of {len(runs)} planned runs done"
+            print(session["stopped_early"], flush=True)
+            break
+        r = run_one(run, data, args.steps)
+        results["runs"].append(r)
+        session["wall_s"] = time.perf_counter() - t_start
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+        print(f"[{i}/{len(runs)}] protocol {r['protocol']} case {r['case']:>8} {r['model']:<12} seed {r['seed']} "
+              f"AUROC {r['auroc']:.3f}  train {r['train_s']:.1f}s ({r['steps_per_s']:.1f} steps/s)  "
+              f"score {r['score_s']:.1f}s  total {session['wall_s'] / 60:.1f} min", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {args.out} ({len(results['runs'])} runs in all; this session "
+          f"{session.get('wall_s', 0) / 60:.1f} min)\n")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
