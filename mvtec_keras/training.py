@@ -25,10 +25,12 @@ class NaNGuard(keras.callbacks.Callback):
         self.failed_at: Optional[tuple] = None
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.failed_at = (self._epoch, batch)
-            self.model.stop_training = True
+        # Every logged loss counts: GANs log several (d_loss, g_loss, ...), autoencoders one.
+        for key, value in (logs or {}).items():
+            if "loss" in key and not math.isfinite(float(value)):
+                self.failed_at = (self._epoch, batch)
+                self.model.stop_training = True
+                return
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -44,26 +46,34 @@ class NaNGuard(keras.callbacks.Callback):
 
 def standard_callbacks(
     workdir: Optional[str],
-    monitor: str = "val_loss",
+    monitor: Optional[str] = "val_loss",
     patience: int = 12,
     lr_patience: int = 5,
     min_lr: float = 1e-6,
     tensorboard: bool = True,
 ) -> tuple[list, NaNGuard]:
-    """Early stopping, reduce-on-plateau and, with a workdir, checkpoint / backup / logs."""
+    """NaN guard; with a ``monitor``, early stopping and reduce-on-plateau; with a workdir,
+    checkpoint / resumable backup / CSV history / TensorBoard.
+
+    ``monitor=None`` (GANs, whose adversarial losses do not settle) keeps a checkpoint of the
+    latest epoch instead of the best one and never stops early.
+    """
     guard = NaNGuard()
-    cbs: list = [
-        guard,
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=1),
-        keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=lr_patience, min_lr=min_lr, verbose=1),
-    ]
+    cbs: list = [guard]
+    if monitor:
+        cbs += [
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=1),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor, factor=0.5, patience=lr_patience, min_lr=min_lr, verbose=1
+            ),
+        ]
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         cbs += [
             keras.callbacks.ModelCheckpoint(
-                os.path.join(workdir, "checkpoint.best.weights.h5"),
-                monitor=monitor,
-                save_best_only=True,
+                os.path.join(workdir, "checkpoint.best.weights.h5" if monitor else "checkpoint.last.weights.h5"),
+                monitor=monitor or "loss",
+                save_best_only=bool(monitor),
                 save_weights_only=True,
             ),
             # Resume after an interruption: restores weights, optimizer and epoch.
@@ -91,6 +101,17 @@ class _LRSweep(keras.callbacks.Callback):
         finite = [v for v in self.losses if math.isfinite(v)]
         if not math.isfinite(loss) or (len(finite) > 10 and loss > 4 * min(finite)):
             self.model.stop_training = True
+
+
+def fresh_workdir(workdir: Optional[str], resume: bool) -> None:
+    """A new run must not pick up a stale backup or history from an earlier one."""
+    if workdir and not resume:
+        import shutil
+
+        shutil.rmtree(os.path.join(workdir, "backup"), ignore_errors=True)
+        hist = os.path.join(workdir, "history.csv")
+        if os.path.exists(hist):
+            os.remove(hist)
 
 
 def lr_range_test(

@@ -165,3 +165,23 @@ def test_extract_bad_param(category, tmp_path, capsys):
                         "--param", "bogus=1", "--out", str(tmp_path / "x")]) == 2
     assert "--param" in _one_line_error(capsys)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_gan_through_train_finetune_test(category, tmp_path):
+    """A GAN detector trains through train.py and is evaluated by the same finetune.py / test.py."""
+    out = str(tmp_path / "ganomaly")
+    assert train.cli(["-d", category, "-a", "ganomaly", "--size", "32", "-b", "4", "--epochs", "2",
+                      "--out", out, "-q"]) == 0
+    info = json.load(open(os.path.join(out, "info.json")))
+    assert info["detector"] == "ganomaly" and info["training"]["epochs_trained"] == 2
+    assert os.path.isfile(os.path.join(out, "history.csv"))
+    assert os.path.isfile(os.path.join(out, "checkpoint.last.weights.h5"))
+    assert finetune.cli(["-p", out, "--min-area", "5:20:5", "-q"]) == 0
+    assert test.cli(["-p", out, "-q"]) == 0
+    res = json.load(open(os.path.join(out, "test", "test_result.json")))
+    assert res["detector"] == "ganomaly" and res["pixel_auroc"] is not None
+
+
+def test_gan_rejects_unsupported_size(category, tmp_path, capsys):
+    assert train.cli(["-d", category, "-a", "ganomaly", "--size", "48", "--out", str(tmp_path / "g")]) == 2
+    assert "--size" in _one_line_error(capsys)

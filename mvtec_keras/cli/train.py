@@ -77,9 +77,20 @@ def make_detector(args, prep):
             precision=args.precision,
         )
     from ..detectors import detector_class
+    from ..models.gans import SUPPORTED_SIZES
 
-    cls = detector_class(arch)
-    return cls.from_cli(args, prep)
+    if prep.size not in SUPPORTED_SIZES:
+        raise InputError(f"--size: {arch} supports {', '.join(map(str, SUPPORTED_SIZES))}, got {prep.size}")
+    if args.lr == "auto":
+        raise InputError(f"--lr auto is for autoencoders; give {arch} a number")
+    return detector_class(arch)(
+        image_size=prep.size,
+        channels=prep.channels,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=_float(args.lr, "--lr"),
+        seed=args.seed,
+    )
 
 
 def _float(v, flag):
@@ -119,7 +130,18 @@ def main(argv=None) -> None:
             raise InputError(f"--out: {out} already holds a trained model; choose another folder or pass --resume")
     with output_dir(out, keep_existing=args.resume):
         t0 = time.time()
-        detector.fit(train_ds, val_ds, workdir=out, resume=args.resume, verbose=0 if args.quiet else 1)
+        verbose = 0 if args.quiet else 1
+        if arch in AE_ARCHITECTURES:
+            detector.fit(train_ds, val_ds, workdir=out, resume=args.resume, verbose=verbose)
+        else:
+            # GANs: same checkpoint / resume / logs, no early stopping on adversarial losses.
+            from ..training import fresh_workdir, standard_callbacks
+
+            fresh_workdir(out, args.resume)
+            callbacks, guard = standard_callbacks(out, monitor=None)
+            detector.fit(train_ds, val_ds, callbacks=callbacks, verbose=verbose)
+            guard.check()
+            detector.epochs_trained_ = len(next(iter(detector.history_.values()), []))
         wall = time.time() - t0
         detector.save(out)
         info = {

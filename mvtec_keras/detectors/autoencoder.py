@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from .. import residuals
 from ..errors import InputError
-from ..training import lr_range_test, standard_callbacks
+from ..training import fresh_workdir, lr_range_test, standard_callbacks
 from .base import Detector, register_detector
 
 MODEL_FILE = "model.keras"
@@ -156,14 +156,7 @@ class AutoencoderDetector(Detector):
         self._compile(model, lr)
         monitor = "val_loss" if val_pairs is not None else "loss"
         callbacks, guard = standard_callbacks(workdir, monitor=monitor, patience=self.patience)
-        if workdir and not resume:
-            # A fresh run must not pick up a stale backup or history.
-            import shutil
-
-            shutil.rmtree(os.path.join(workdir, "backup"), ignore_errors=True)
-            hist = os.path.join(workdir, "history.csv")
-            if os.path.exists(hist):
-                os.remove(hist)
+        fresh_workdir(workdir, resume)
         history = model.fit(
             train_pairs,
             validation_data=val_pairs,
