@@ -134,17 +134,19 @@ def run_config(cfg, args, results_dir):
     return row
 
 
-def write_markdown(rows, args, path, started):
+def write_markdown(rows, path):
     lines = [
         "# Autoencoder benchmark",
         "",
-        f"Data: MVTec AD `bottle` read from `../shared/data/mvtec_ad/bottle` (209 train/good, 83 test).",
-        f"Machine: {started}. Date: {time.strftime('%Y-%m-%d')}.",
+        "Data: MVTec AD `bottle` read from `../shared/data/mvtec_ad/bottle` (209 train/good, 83 test).",
+        f"Date: {time.strftime('%Y-%m-%d')}. Machine: the project's 2-core CPU machine; the load average at the",
+        "start of each run is in the last table (other jobs ran beside these, so throughput here is a lower",
+        "bound: see docs/bench_ae_throughput.md for quiet-machine throughput).",
         "",
-        "Reproduce:",
+        "Reproduce (one command per config; each run regenerates this page from all results so far):",
         "",
         "```bash",
-        "python bench/autoencoders.py " + " ".join(sys.argv[1:]),
+        *sorted({r.get("command", "python bench/autoencoders.py") for r in rows}),
         "```",
         "",
         "Training img/s: steady-state `model.fit` in graph mode on in-memory images at the given batch;",
@@ -171,6 +173,8 @@ def write_markdown(rows, args, path, started):
                 f"{m['tpr']:.3f} | {m['tnr']:.3f} | {m['balanced_accuracy']:.3f} | {m['min_area']} | "
                 f"{m['n_images']} | {m['finetune_s']:.1f} |"
             )
+    lines += ["", "| config | machine at start |", "|---|---|"]
+    lines += [f"| {r['config']} | {r.get('machine', '-')} |" for r in rows]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -192,10 +196,19 @@ def main():
     results_dir = os.path.join(REPO, "bench", "results", "autoencoders")
     os.makedirs(results_dir, exist_ok=True)
     started = machine()
-    rows = [run_config(c, args, results_dir) for c in args.configs]
-    with open(os.path.join(results_dir, "results.json"), "w") as f:
-        json.dump({"machine": started, "args": vars(args), "rows": rows}, f, indent=2)
-    write_markdown(rows, args, args.doc, started)
+    for c in args.configs:
+        row = run_config(c, args, results_dir)
+        row["machine"] = started
+        row["command"] = "python bench/autoencoders.py " + " ".join(sys.argv[1:])
+        with open(os.path.join(results_dir, f"result_{row['config']}.json"), "w") as f:
+            json.dump(row, f, indent=2)
+    # The doc covers every config measured so far (one result file each), so configs can run separately.
+    rows = []
+    for name in sorted(os.listdir(results_dir)):
+        if name.startswith("result_") and name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as f:
+                rows.append(json.load(f))
+    write_markdown(rows, args.doc)
     print(f"wrote {args.doc}")
     return 0
 
