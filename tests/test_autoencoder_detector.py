@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from helpers import smooth_image
@@ -102,3 +104,34 @@ def test_lr_range_test_restores_weights():
 def test_unknown_precision_rejected():
     with pytest.raises(InputError, match="--precision"):
         AutoencoderDetector("mvtecCAE", (32, 32, 1), precision="fp8").build_model()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_continues_from_backup(tmp_path):
+    import csv
+
+    import keras
+
+    class StopAfterTwo(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise _Interrupt()
+
+    work = str(tmp_path / "run")
+    x, v = _images(8), _images(4, seed=1)
+    det = AutoencoderDetector("mvtecCAE", (32, 32, 1), epochs=4, batch_size=4, patience=50)
+    with pytest.raises(_Interrupt):
+        det.fit(x, v, workdir=work, verbose=0, callbacks=[StopAfterTwo()])
+    assert os.path.isdir(os.path.join(work, "backup"))  # what --resume continues from
+
+    again = AutoencoderDetector("mvtecCAE", (32, 32, 1), epochs=4, batch_size=4, patience=50)
+    again.fit(x, v, workdir=work, resume=True, verbose=0)
+    assert again.epochs_trained_ == 4
+    assert len(again.history_["loss"]) == 2  # only epochs 3 and 4 ran in the resumed call
+    with open(os.path.join(work, "history.csv")) as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs == [0, 1, 2, 3]
+    assert not os.path.isdir(os.path.join(work, "backup"))  # finished runs drop their backup

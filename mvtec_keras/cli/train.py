@@ -160,8 +160,9 @@ def main(argv=None) -> None:
                 "lr_setting": args.lr,
                 "seed": args.seed,
                 "wall_seconds": round(wall, 2),
+                # epochs run by this call (a resumed run counts only its own)
                 "images_per_second": round(
-                    (getattr(detector, "epochs_trained_", 0) or 0) * len(train_s) / max(wall, 1e-9), 2
+                    len(next(iter(detector.history_.values()), [])) * len(train_s) / max(wall, 1e-9), 2
                 ),
             },
         }

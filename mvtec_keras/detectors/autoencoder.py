@@ -134,7 +134,8 @@ class AutoencoderDetector(Detector):
             keras.config.set_dtype_policy(previous)
 
     # -- fit -----------------------------------------------------------------
-    def _fit(self, train, validation=None, workdir: Optional[str] = None, resume: bool = False, verbose=1, **_):
+    def _fit(self, train, validation=None, workdir: Optional[str] = None, resume: bool = False, verbose=1,
+             callbacks=()):
         if self.residual not in ("ssim", "l2"):
             raise InputError(f"--method: unknown residual map '{self.residual}'; choose ssim or l2")
         model = self.build_model()
@@ -155,7 +156,8 @@ class AutoencoderDetector(Detector):
                 raise InputError(f"--lr must be 'auto' or a number, got '{lr}'") from None
         self._compile(model, lr)
         monitor = "val_loss" if val_pairs is not None else "loss"
-        callbacks, guard = standard_callbacks(workdir, monitor=monitor, patience=self.patience)
+        standard, guard = standard_callbacks(workdir, monitor=monitor, patience=self.patience)
+        callbacks = standard + list(callbacks)
         fresh_workdir(workdir, resume)
         history = model.fit(
             train_pairs,
@@ -169,7 +171,8 @@ class AutoencoderDetector(Detector):
         self.model_ = model
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         self.learning_rate_ = float(lr)
-        self.epochs_trained_ = len(next(iter(self.history_.values()), []))
+        # After --resume, Keras reports only the epochs of this call; count from the first.
+        self.epochs_trained_ = (max(history.epoch) + 1) if history.epoch else 0
         return self
 
     # -- scoring -------------------------------------------------------------
