@@ -185,7 +185,7 @@ class AutoencoderDetector(Detector):
             model = self.model_
 
             # One traced function per detector: Python-side model calls retrace otherwise.
-            @tf.function(reduce_retracing=True)
+            @tf.function(reduce_retracing=True, autograph=False)
             def predict(x):
                 return model(x, training=False)
 
