@@ -139,7 +139,7 @@ def resize(x, size, method="bilinear"):
 
 # --------------------------------------------------------------------------- Gaussian statistics
 #: samples buffered before a fold into the running sums (bounded memory, few large matmuls)
-STATS_CHUNK = 64
+STATS_CHUNK = 128
 
 
 class GaussianStats:
@@ -320,11 +320,13 @@ def squared_distances(a, b, b_sq=None):
     return ops.maximum(a_sq - 2.0 * ops.matmul(a, ops.transpose(b)) + b_sq[None, :], 0.0)
 
 
-def knn(queries, bank, k: int = 1, bank_sq=None, max_elements: int = 1 << 22):
+def knn(queries, bank, k: int = 1, bank_sq=None, max_elements: int = 1 << 24):
     """k nearest rows of ``bank`` for each query: ``(distances [M, k], indices [M, k])``.
 
     The bank is processed in chunks so the distance block stays below
-    ``max_elements`` floats; a running top-k is merged chunk by chunk.
+    ``max_elements`` floats (64 MB by default: on the 2-core CPU, blocks of 1 << 24 scored
+    PatchCore about 1.4x faster than 1 << 22; larger ones were not reliably faster end to
+    end); a running top-k is merged chunk by chunk.
     ``bank_sq`` (squared row norms) can be passed when the bank is reused.
     """
     queries = ops.convert_to_tensor(queries, dtype="float32")
