@@ -115,18 +115,36 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self.memory_bank_size_ = len(self.memory_bank_)
         self.feature_shape_ = np.asarray(shape, dtype=np.int64)
         self.n_train_patches_ = len(patches)
+        self._warm_up()
 
     # -- scoring ---------------------------------------------------------------
     def _tensors(self):
         if getattr(self, "_cache", None) is None:
             bank = ops.convert_to_tensor(self.memory_bank_)
             self._cache = (bank, ops.sum(bank * bank, axis=-1))
+            self._nn_fn = None
         return self._cache
+
+    def _warm_up(self) -> None:
+        # Trace the nearest-neighbour graph once while building the detector, so that
+        # scoring (about 1.2x faster traced than eager) does not pay for the trace.
+        self._nearest(np.zeros((1, self.memory_bank_.shape[1]), np.float32))
+
+    def _nearest(self, queries):
+        """Nearest bank row of each patch, as one traced graph (any number of patches)."""
+        if getattr(self, "_nn_fn", None) is None:
+            import tensorflow as tf
+
+            bank, bank_sq = self._tensors()
+            spec = tf.TensorSpec([None, int(bank.shape[1])], tf.float32)
+            self._nn_fn = tf.function(lambda q: knn(q, bank, 1, bank_sq=bank_sq), input_signature=[spec],
+                                      autograph=False)
+        return self._nn_fn(queries)
 
     def score_batch(self, images):
         self._check_fitted()
-        # Eager on purpose: the backbone is a traced graph already, and tracing the
-        # chunked nearest-neighbour loop (unrolled) costs more than it saves.
+        # The backbone and the nearest-neighbour search are traced graphs; the rest is a
+        # few large ops, cheap in eager mode.
         images = to_rgb(images)
         size = tuple(images.shape[1:3])
         f = self.patch_features(images)
@@ -136,7 +154,7 @@ class PatchcoreDetector(BackboneMixin, Detector):
             raise InputError(f"images give feature maps {h}x{w}, the detector was fitted on {fitted}: use the training size")
         bank, bank_sq = self._tensors()
         q = ops.reshape(f, (-1, c))
-        dist, nn = knn(q, bank, 1, bank_sq=bank_sq)
+        dist, nn = self._nearest(q)
         dist = ops.reshape(dist, (-1, h * w))
         nn = ops.reshape(nn, (-1, h * w))
         maps = upsample_blur(ops.reshape(dist, (-1, h, w)), size, self.sigma)
@@ -169,6 +187,7 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self.n_train_patches_ = int(a["n_train_patches"])
         self._cache = None
         self._load_extractor(dirpath)
+        self._warm_up()
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
