@@ -134,6 +134,20 @@ def run_config(cfg, args, results_dir):
     return row
 
 
+def _without_doc(command: str) -> str:
+    """The recorded command minus ``--doc PATH`` (where the page went does not change results)."""
+    words = command.split()
+    out, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w == "--doc":
+            skip = True
+        else:
+            out.append(w)
+    return " ".join(out)
+
+
 def write_markdown(rows, path):
     lines = [
         "# Autoencoder benchmark",
@@ -146,7 +160,7 @@ def write_markdown(rows, path):
         "Reproduce (one command per config; each run regenerates this page from all results so far):",
         "",
         "```bash",
-        *sorted({r.get("command", "python bench/autoencoders.py") for r in rows}),
+        *sorted({_without_doc(r.get("command", "python bench/autoencoders.py")) for r in rows}),
         "```",
         "",
         "Training img/s: steady-state `model.fit` in graph mode on in-memory images at the given batch;",
