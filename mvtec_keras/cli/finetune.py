@@ -125,9 +125,9 @@ def main(argv=None) -> None:
             search = thresholds.search_min_area_threshold(
                 val_res.maps, ft_res.maps, labels, min_areas=min_areas, dtype=args.dtype, value_range=value_range
             )
+            best = int(np.flatnonzero(search.min_areas == search.min_area)[0])
             result.update(min_area=int(search.min_area), threshold=float(search.threshold), score=float(search.score),
-                          tpr=float(search.tpr[list(search.min_areas).index(search.min_area)]),
-                          tnr=float(search.tnr[list(search.min_areas).index(search.min_area)]))
+                          tpr=float(search.tpr[best]), tnr=float(search.tnr[best]))
             reports.plot_finetune(search.min_areas, search.thresholds, search.balanced_accuracy, search.min_area,
                                   os.path.join(model_dir, "finetune.png"))
         else:

@@ -141,7 +141,6 @@ def main(argv=None) -> None:
             callbacks, guard = standard_callbacks(out, monitor=None)
             detector.fit(train_ds, val_ds, callbacks=callbacks, verbose=verbose)
             guard.check()
-            detector.epochs_trained_ = len(next(iter(detector.history_.values()), []))
         wall = time.time() - t0
         detector.save(out)
         info = {

@@ -94,6 +94,8 @@ class _KerasModelDetector(Detector):
                             steps_per_epoch=self.steps_per_epoch, callbacks=cbs, verbose=verbose,
                             shuffle=False)  # shuffled in _dataset
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        # After a resume Keras reports only this call's epochs; count from the first.
+        self.epochs_trained_ = (max(history.epoch) + 1) if history.epoch else 0
         self.model_ = model
         self._score_fn = None
 
