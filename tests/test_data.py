@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import tensorflow as tf
 import pytest
 from helpers import make_mvtec, smooth_image, write_image
 from PIL import Image
@@ -196,3 +197,20 @@ def test_real_bottle_layout(bottle_dir):
     arr = load_arrays(sub, Preprocessing(size=256, crop=224, color_mode="rgb"))
     assert arr["image"].shape == (6, 224, 224, 3)
     assert (arr["mask"][:4].reshape(4, -1).sum(1) > 0).all() and arr["mask"][4:].sum() == 0
+
+
+def test_rotation_range_is_honoured():
+    from mvtec_keras.data.pipeline import _augment_batch
+
+    x = np.zeros((64, 32, 32, 1), np.float32)
+    x[:, 4:12, 12:20] = 1.0  # a bright block in the top half
+    batch = {"image": tf.constant(x)}
+    seeds = tf.constant(np.arange(12).reshape(6, 2), tf.int64)
+
+    def bottom_heavy(deg):
+        out = _augment_batch(batch, seeds, Augmentation(rotation_deg=deg, shift_fraction=0.0, brightness=0.0))
+        img = out["image"].numpy()[..., 0]
+        return np.mean(img[:, 16:].sum(axis=(1, 2)) > img[:, :16].sum(axis=(1, 2)))
+
+    assert bottom_heavy(5.0) == 0.0  # small rotations keep the block on top
+    assert 0.2 < bottom_heavy(180.0) < 0.8  # full rotations put it anywhere (half below the centre)

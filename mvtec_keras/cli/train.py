@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs")
     p.add_argument("--no-augment", action="store_true", help="no rotation / shift / brightness augmentation")
     p.add_argument("--flip", action="store_true", help="also flip training images (only for symmetric products)")
+    p.add_argument("--rotation", type=float, default=5.0,
+                   help="random rotation range in degrees, +-DEG (default 5; 180 for rotation-symmetric products "
+                        "seen from above, e.g. bottle)")
     p.add_argument("-i", "--inspect", action="store_true", help="write inspection images")
     p.add_argument("--out", help="output folder (default runs/<category>/<arch>-<loss>-<color>-<time>)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run in --out")
@@ -117,7 +120,10 @@ def main(argv=None) -> None:
     if not args.quiet:
         print(cat.summary())
         print(f"training on {len(train_s)} images, validating on {len(val_s)}; {arch}, {prep.input_shape}")
-    augment = None if args.no_augment else Augmentation(flip_horizontal=args.flip, flip_vertical=args.flip)
+    if not 0 <= args.rotation <= 180:
+        raise InputError(f"--rotation must be between 0 and 180 degrees, got {args.rotation}")
+    augment = None if args.no_augment else Augmentation(
+        rotation_deg=args.rotation, flip_horizontal=args.flip, flip_vertical=args.flip)
     train_ds = make_dataset(train_s, prep, args.batch_size, shuffle=True, seed=args.seed, augment=augment, cache=True)
     val_ds = make_dataset(val_s, prep, args.batch_size, cache=True) if val_s else None
 
