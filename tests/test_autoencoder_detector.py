@@ -66,6 +66,21 @@ def test_l2_residual_switch(fitted):
     np.testing.assert_allclose(maps, ((x - recon) ** 2)[..., 0], rtol=1e-4, atol=1e-6)
 
 
+def test_map_sigma_blurs_the_map_only(fitted):
+    from mvtec_keras import residuals
+
+    x = _images(3, seed=6)
+    raw = fitted.score(x)
+    fitted.map_sigma = 2.0
+    try:
+        blurred = fitted.score(x)
+    finally:
+        fitted.map_sigma = 0.0
+    np.testing.assert_allclose(blurred.maps, np.asarray(residuals.gaussian_blur(raw.maps, 2.0)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(blurred.scores, raw.scores)  # the image score has its own blur
+    assert blurred.maps.std() < raw.maps.std()
+
+
 def test_bfloat16_precision_trains_and_scores_float32():
     det = AutoencoderDetector("mvtecCAE", (32, 32, 1), epochs=1, batch_size=4, precision="mixed_bfloat16")
     det.fit(_images(8), verbose=0)

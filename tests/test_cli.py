@@ -25,7 +25,7 @@ def category(tmp_path_factory):
 def trained(category, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "cae")
     rc = train.cli(["-d", category, "-a", "mvtecCAE", "-l", "ssim", "--size", "64", "-b", "4", "--epochs", "2",
-                    "--out", out, "-i", "-q"])
+                    "--rotation", "180", "--flip", "--out", out, "-i", "-q"])
     assert rc == 0
     return out
 
@@ -40,6 +40,8 @@ def test_train_writes_everything(trained):
     assert info["preprocessing"] == {"size": 64, "color_mode": "grayscale", "crop": None}
     assert len(info["data"]["validation_files"]) == 2  # 10 % of 16, rounded
     assert info["training"]["epochs_trained"] == 2
+    aug = info["augmentation"]
+    assert aug["rotation_deg"] == 180 and aug["flip_horizontal"] and aug["flip_vertical"]
 
 
 def test_finetune_then_test_excludes_finetune_split(trained, category):
@@ -49,6 +51,9 @@ def test_finetune_then_test_excludes_finetune_split(trained, category):
         assert key in ft
     assert ft["mode"] == "search" and ft["finetune_files"]
     assert os.path.isfile(os.path.join(trained, "finetune.png"))
+    search = ft["map_sigma_search"]  # the map blur is chosen on the finetune split, by pixel AUROC
+    assert set(search) == {"0", "2", "4", "8"}
+    assert search[f"{ft['map_sigma']:g}"] == max(search.values())
 
     assert test.cli(["-p", os.path.join(trained, "model.keras"), "-s", "-q"]) == 0
     res = json.load(open(os.path.join(trained, "test", "test_result.json")))
@@ -57,6 +62,7 @@ def test_finetune_then_test_excludes_finetune_split(trained, category):
         assert key in res
     n_test = 6 + 10
     assert res["n_images"] == n_test - len(ft["finetune_files"])
+    assert res["map_sigma"] == ft["map_sigma"]
     with open(os.path.join(trained, "test", "predictions.csv")) as f:
         rows = list(csv.DictReader(f))
     tested = {r["file"] for r in rows}
@@ -99,6 +105,8 @@ def test_wrong_flag_values(trained, category, tmp_path, capsys):
     assert "-m/--method" in _one_line_error(capsys)
     assert finetune.cli(["-p", trained, "-t", "int4"]) == 2
     assert "--dtype" in _one_line_error(capsys)
+    assert finetune.cli(["-p", trained, "--map-sigmas", "2,-1"]) == 2
+    assert "--map-sigmas" in _one_line_error(capsys)
     out = str(tmp_path / "x")
     assert train.cli(["-d", category, "-a", "nosuchCAE", "--out", out]) == 2
     assert "--architecture" in _one_line_error(capsys)
@@ -106,6 +114,8 @@ def test_wrong_flag_values(trained, category, tmp_path, capsys):
     assert "--color" in _one_line_error(capsys)
     assert train.cli(["-d", category, "-l", "l1", "--out", out]) == 2
     assert "--loss" in _one_line_error(capsys)
+    assert train.cli(["-d", category, "--rotation", "270", "--out", out]) == 2
+    assert "--rotation" in _one_line_error(capsys)
     assert not os.path.exists(out)  # nothing half-written
 
 

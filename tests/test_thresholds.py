@@ -254,3 +254,23 @@ def test_threshold_from_fpr_maps():
     ft = np.concatenate([val, val])
     res = T.search_min_area_threshold(val, ft, [0] * 4 + [1] * 4, min_areas=[20])
     assert res.thresholds[0] == strict
+
+
+def test_choose_map_sigma_prefers_the_blur_that_ranks_pixels_best():
+    from mvtec_keras.cli.finetune import choose_map_sigma
+
+    rng = np.random.RandomState(0)
+    masks = np.zeros((6, 32, 32), np.uint8)
+    masks[3:, 10:20, 10:20] = 1
+    noisy = rng.rand(6, 32, 32).astype(np.float32) + 0.3 * masks  # weak signal in strong pixel noise
+    has = np.ones(6, bool)
+    best, table = choose_map_sigma(noisy, masks, has, [0, 2, 4])
+    assert best > 0 and table[best] > table[0] and set(table) == {0, 2, 4}
+    # Tiny one-pixel defects, exact in the raw map: any blur only loses.
+    masks1 = np.zeros((6, 32, 32), np.uint8)
+    masks1[3:, 16, 16] = 1
+    exact = rng.rand(6, 32, 32).astype(np.float32) * 0.5 + masks1
+    best, table = choose_map_sigma(exact, masks1, has, [0, 2, 4])
+    assert best == 0 and table[0] == pytest.approx(1.0)
+    # No mask anywhere: no choice.
+    assert choose_map_sigma(exact, np.zeros_like(masks1), has, [0, 2]) == (None, {})

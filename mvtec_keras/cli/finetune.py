@@ -11,6 +11,12 @@ Two modes:
   the validation images alone at a target false-positive rate.
 
 Detectors without anomaly maps are thresholded on their image scores.
+
+Autoencoder maps can be smoothed before thresholding. In ``search`` mode the
+blur (``--map-sigmas``, Gaussian sigma in pixels of the model input) is chosen
+first, by pixel AUROC on the finetune split (ties go to the smaller sigma), and
+recorded in finetune.json as ``map_sigma``; test.py scores with it. Like the
+operating point, it never sees an image that test.py evaluates.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-area", default="5:1000:5", help="min_area range start:stop:step (default 5:1000:5)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="fpr mode: allowed false-positive rate")
     p.add_argument("--fpr-min-area", type=int, default=25, help="fpr mode: min_area to use (default 25)")
+    p.add_argument("--map-sigmas", default="0,2,4,8",
+                   help="autoencoders, search mode: candidate Gaussian blurs of the anomaly map, chosen by pixel "
+                        "AUROC on the finetune split (default 0,2,4,8; one value fixes it; 'keep' keeps the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -60,6 +69,39 @@ def parse_range(text: str, flag: str):
     if len(values) == 0 or start < 1:
         raise InputError(f"{flag}: empty or non-positive range '{text}'")
     return values
+
+
+def parse_sigmas(text: str):
+    """``--map-sigmas``: None for 'keep', else a sorted list of non-negative floats."""
+    if text.strip() == "keep":
+        return None
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise InputError(f"--map-sigmas must be comma-separated numbers or 'keep', got '{text}'") from None
+    if not values or values[0] < 0:
+        raise InputError(f"--map-sigmas: give non-negative numbers, got '{text}'")
+    return values
+
+
+def choose_map_sigma(maps, masks, has_mask, sigmas):
+    """``(best sigma, {sigma: pixel AUROC})`` on labelled maps; None when nothing has a mask."""
+    from .. import metrics, residuals
+
+    if not has_mask.any() or not masks[has_mask].any():
+        return None, {}
+    table = {}
+    for sigma in sigmas:
+        m = maps if sigma == 0 else np.asarray(residuals.gaussian_blur(maps, sigma))
+        table[sigma] = metrics.pixel_auroc(masks[has_mask], m[has_mask])
+    best = max(table.values())
+    return min(s for s, v in table.items() if v == best), table
+
+
+def _blur(maps, sigma):
+    from .. import residuals
+
+    return maps if not sigma else np.asarray(residuals.gaussian_blur(maps, sigma))
 
 
 def load_for_scoring(model_dir: str, method=None):
@@ -89,6 +131,7 @@ def main(argv=None) -> None:
     if not 0 < args.finetune_fraction < 1:
         raise InputError(f"--finetune-fraction must be in (0, 1), got {args.finetune_fraction}")
     min_areas = parse_range(args.min_area, "--min-area")
+    sigmas = parse_sigmas(args.map_sigmas)
     model_dir = model_dir_from_arg(args.path)
     det, info = load_for_scoring(model_dir, args.method)
     prep = Preprocessing.from_dict(info["preprocessing"])
@@ -102,8 +145,22 @@ def main(argv=None) -> None:
         raise InputError("--mode search needs defect images in the test set; use --mode fpr")
 
     verbose = not args.quiet
+    choose_sigma = mode == "search" and sigmas is not None and hasattr(det, "map_sigma")
+    own_sigma = float(getattr(det, "map_sigma", 0.0) or 0.0)
+    if choose_sigma:
+        det.map_sigma = 0.0  # raw maps; each candidate blur is applied below
     val_res = det.score(make_dataset(val, prep, args.batch_size), progress=verbose)
     use_maps = det.has_maps and val_res.maps is not None
+    ft = ft_res = None
+    if mode == "search":
+        ft, _rest = stratified_split(cat.test, args.finetune_fraction, (info.get("data") or {}).get("seed", 0))
+        ft_res = det.score(make_dataset(ft, prep, args.batch_size), progress=verbose)
+    sigma_table = {}
+    if choose_sigma and use_maps:
+        has_mask = np.array([s.mask_path is not None or s.label == 0 for s in ft])
+        best, sigma_table = choose_map_sigma(ft_res.maps, ft_res.masks, has_mask, sigmas)
+        det.map_sigma = own_sigma if best is None else best  # no masks in the split: keep the model's blur
+        val_res.maps, ft_res.maps = _blur(val_res.maps, det.map_sigma), _blur(ft_res.maps, det.map_sigma)
     result = {
         "detector": det.name,
         "method": det.residual if hasattr(det, "residual") else det.name,
@@ -112,14 +169,16 @@ def main(argv=None) -> None:
         "decision": "segmentation" if use_maps else "image_score",
         "n_validation": len(val),
     }
+    if hasattr(det, "map_sigma"):
+        result["map_sigma"] = float(det.map_sigma)
+        if sigma_table:
+            result["map_sigma_search"] = {f"{k:g}": float(v) for k, v in sigma_table.items()}
     value_range = None
     if use_maps and args.dtype == "uint8":
         # uint8 levels span the validation maps' range; thresholds stay in map units.
         value_range = (float(val_res.maps.min()), float(val_res.maps.max()))
         result["uint8_value_range"] = value_range
     if mode == "search":
-        ft, _rest = stratified_split(cat.test, args.finetune_fraction, (info.get("data") or {}).get("seed", 0))
-        ft_res = det.score(make_dataset(ft, prep, args.batch_size), progress=verbose)
         labels = np.array([s.label for s in ft])
         if use_maps:
             search = thresholds.search_min_area_threshold(
@@ -152,6 +211,10 @@ def main(argv=None) -> None:
                          "try --mode fpr with a larger --target-fpr")
     write_json(os.path.join(model_dir, FINETUNE_FILE), result)
     if verbose:
+        if sigma_table:
+            print("map blur (pixel AUROC on the finetune split): "
+                  + ", ".join(f"sigma {k:g}: {v:.4f}" for k, v in sigma_table.items())
+                  + f" -> sigma {result['map_sigma']:g}")
         print(f"mode {mode}, decision on {result['decision']}: min_area={result['min_area']} "
               f"threshold={result['threshold']:.6g}" + (f" balanced accuracy={result['score']:.3f}"
                                                       if result.get("score") is not None else ""))

@@ -45,6 +45,8 @@ def main(argv=None) -> None:
     det, info = load_for_scoring(model_dir)
     if ft and hasattr(det, "residual") and ft.get("method") in ("ssim", "l2"):
         det.residual = ft["method"]  # score with the map the operating point was chosen on
+    if ft and hasattr(det, "map_sigma") and ft.get("map_sigma") is not None:
+        det.map_sigma = float(ft["map_sigma"])  # ... and with its blur
     prep = Preprocessing.from_dict(info["preprocessing"])
     cat = category_from_info(info)
     excluded = set(ft.get("finetune_files", [])) if ft else set()
@@ -76,6 +78,8 @@ def main(argv=None) -> None:
             pred = res.scores >= ft["threshold"]
         out.update(metrics.threshold_metrics(labels, pred))
         out["min_area"], out["threshold"] = ft.get("min_area"), ft["threshold"]
+        if "map_sigma" in ft:
+            out["map_sigma"] = ft["map_sigma"]
         out["finetune_mode"] = ft.get("mode")
     else:
         pred = None

@@ -54,8 +54,10 @@ class AutoencoderDetector(Detector):
     input_shape: ``(H, W, C)`` of the preprocessed images.
     loss: training loss ``ssim`` | ``mssim`` | ``l2``.
     residual: map used for scoring ``ssim`` | ``l2`` (finetune.py can switch it).
-    score_reduction / score_sigma: image score = ``score_reduction`` of the map after a
-        Gaussian blur of ``score_sigma`` (0 = none); the map itself stays unblurred.
+    score_reduction / score_sigma: image score = ``score_reduction`` of the residual map after
+        a Gaussian blur of ``score_sigma`` (0 = none).
+    map_sigma: Gaussian blur of the returned anomaly map (0 = the raw residual map).
+        finetune.py chooses it on its labelled finetune split (see there).
     learning_rate: a float, or ``"auto"`` for a learning-rate range test first.
     """
 
@@ -69,6 +71,7 @@ class AutoencoderDetector(Detector):
         residual: str = "ssim",
         score_reduction: str = "max",
         score_sigma: float = 4.0,
+        map_sigma: float = 0.0,
         epochs: int = 100,
         batch_size: int = 8,
         learning_rate: Union[str, float] = 2e-4,
@@ -83,6 +86,7 @@ class AutoencoderDetector(Detector):
         self.residual = residual
         self.score_reduction = score_reduction
         self.score_sigma = score_sigma
+        self.map_sigma = map_sigma
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -99,6 +103,7 @@ class AutoencoderDetector(Detector):
             "residual": self.residual,
             "score_reduction": self.score_reduction,
             "score_sigma": self.score_sigma,
+            "map_sigma": self.map_sigma,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "learning_rate": self.learning_rate,
@@ -200,12 +205,14 @@ class AutoencoderDetector(Detector):
         recon = self.model_(x, training=False)
         maps = self.residual_maps(x, recon)
         smoothed = residuals.gaussian_blur(maps, self.score_sigma) if self.score_sigma else maps
+        if self.map_sigma:
+            maps = residuals.gaussian_blur(maps, self.map_sigma)
         return residuals.image_scores(smoothed, reduction=self.score_reduction), maps
 
     def score_batch(self, images):
         # One traced graph for the whole scoring path (eager residual maps cost about 2x);
         # retraced only when the residual settings change (finetune.py -m).
-        key = (self.residual, self.score_sigma, self.score_reduction)
+        key = (self.residual, self.score_sigma, self.score_reduction, self.map_sigma)
         if getattr(self, "_score_key", None) != key:
             # One signature for every batch size: the same graph (and bit-identical scores)
             # whatever batches came before, e.g. after save / load.
