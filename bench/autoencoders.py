@@ -81,7 +81,14 @@ def run_config(cfg, args, results_dir):
     arch, loss, color, size, precision = (cfg.split(":") + ["float32"])[:5]
     size = int(size)
     name = f"{arch}-{loss}-{color}-{size}-{precision}"
+    if args.rotation != 5.0 or args.flip:  # non-default augmentation is part of the config's name
+        name += f"-rot{args.rotation:g}" + ("-flip" if args.flip else "")
     out = os.path.join(results_dir, name)
+    if args.evaluate_only:
+        # Finetune + test again on the model an earlier run of this script trained (same config).
+        with open(os.path.join(results_dir, f"result_{name}.json")) as f:
+            row = json.load(f)
+        return _evaluate(row, out)
     if os.path.exists(out):
         import shutil
 
@@ -89,7 +96,8 @@ def run_config(cfg, args, results_dir):
     cat = discover_mvtec(args.data)
     prep = Preprocessing(size=size, color_mode=color)
     imgs = load_arrays(cat.train[: args.batch * 8], prep)["image"]
-    row = {"config": name, "architecture": arch, "loss": loss, "color": color, "size": size, "precision": precision}
+    row = {"config": name, "architecture": arch, "loss": loss, "color": color, "size": size, "precision": precision,
+           "rotation": args.rotation, "flip": args.flip, "seed": args.seed}
 
     print(f"== {name}: training throughput (graph mode, batch {args.batch})", flush=True)
     row["train_img_s"] = train_throughput(arch, loss, color, size, args.batch, 8, False, imgs, precision)
@@ -101,7 +109,8 @@ def run_config(cfg, args, results_dir):
     t0 = time.time()
     train.main(["-d", args.data, "-a", arch, "-l", loss, "-c", color, "--size", str(size), "-b", str(args.batch),
                 "--epochs", str(args.epochs), "--lr", args.lr, "--patience", str(args.patience), "--out", out,
-                "--precision", precision, "-q"])
+                "--precision", precision, "--rotation", str(args.rotation), *(["--flip"] if args.flip else []),
+                "--seed", str(args.seed), "-q"])
     row["train_wall_s"] = time.time() - t0
     info = json.load(open(os.path.join(out, "info.json")))
     row["epochs"] = info["training"]["epochs_trained"]
@@ -110,7 +119,14 @@ def run_config(cfg, args, results_dir):
     det = load_detector(out)
     row["inference_img_s"] = inference_throughput(det, imgs, args.batch)
     print(f"   {row['epochs']} epochs in {row['train_wall_s']:.0f} s; inference {row['inference_img_s']:.1f} img/s")
+    return _evaluate(row, out)
 
+
+def _evaluate(row, out):
+    """finetune.py then test.py for each residual map; the metrics go into ``row``."""
+    from mvtec_keras.cli import finetune, test
+
+    loss = row["loss"]
     for method in (["ssim", "l2"] if loss != "l2" else ["l2", "ssim"]):
         t0 = time.time()
         finetune.main(["-p", out, "-m", method, "-q"])
@@ -122,7 +138,8 @@ def run_config(cfg, args, results_dir):
         ft = json.load(open(os.path.join(out, "finetune.json")))
         row[f"residual_{method}"] = {
             **{k: res.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "tpr", "tnr", "balanced_accuracy",
-                                       "min_area", "threshold", "n_images")},
+                                       "min_area", "threshold", "n_images", "map_sigma")},
+            "map_sigma_search": ft.get("map_sigma_search"),
             "finetune_balanced_accuracy": ft.get("score"),
             "finetune_s": ft_s,
             "test_s": test_s,
@@ -148,6 +165,15 @@ def _without_doc(command: str) -> str:
     return " ".join(out)
 
 
+def _sigma(m) -> str:
+    """The map blur test.py used, and the finetune split's pixel AUROC per candidate."""
+    if m.get("map_sigma") is None:
+        return "0 (raw map)"
+    search = m.get("map_sigma_search") or {}
+    return f"{m['map_sigma']:g}" + (" (" + ", ".join(f"{k}: {v:.3f}" for k, v in search.items()) + ")"
+                                     if search else "")
+
+
 def write_markdown(rows, path):
     lines = [
         "# Autoencoder benchmark",
@@ -161,12 +187,16 @@ def write_markdown(rows, path):
         "",
         "```bash",
         *sorted({_without_doc(r.get("command", "python bench/autoencoders.py")) for r in rows}),
+        *sorted({_without_doc(r["evaluate_command"]) for r in rows if r.get("evaluate_command")}),
         "```",
         "",
         "Training img/s: steady-state `model.fit` in graph mode on in-memory images at the given batch;",
         "end to end: epochs x train images / wall time of train.py (data pipeline, validation, callbacks).",
         "Inference img/s: reconstruction + residual map + image score per batch of in-memory images.",
         "Metrics come from test.py on the test set minus the finetune split (20 % of each type).",
+        "Map blur σ: the Gaussian blur of the anomaly map that finetune.py chose by pixel AUROC on the",
+        "finetune split (candidates and their finetune-split AUROC in brackets); rows evaluated before",
+        "finetune.py chose a blur used the raw map. `--evaluate-only` re-runs finetune + test on a trained model.",
         "",
         "| config | train img/s | XLA img/s | end-to-end train img/s | epochs | train wall s | inference img/s |",
         "|---|---|---|---|---|---|---|",
@@ -175,15 +205,15 @@ def write_markdown(rows, path):
         xla = f"{r['train_img_s_xla']:.1f}" if "train_img_s_xla" in r else "-"
         lines.append(f"| {r['config']} | {r['train_img_s']:.1f} | {xla} | {r['train_img_s_end_to_end']:.1f} | "
                      f"{r['epochs']} | {r['train_wall_s']:.0f} | {r['inference_img_s']:.1f} |")
-    lines += ["", "| config | residual map | image AUROC | pixel AUROC | AUPRO | TPR | TNR | balanced acc | min_area |"
-              " test images | finetune s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| config | residual map | map blur σ | image AUROC | pixel AUROC | AUPRO | TPR | TNR | balanced acc |"
+              " min_area | test images | finetune s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for method in ("ssim", "l2"):
             m = r.get(f"residual_{method}")
             if not m:
                 continue
             lines.append(
-                f"| {r['config']} | {method} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['aupro']:.3f} | "
+                f"| {r['config']} | {method} | {_sigma(m)} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['aupro']:.3f} | "
                 f"{m['tpr']:.3f} | {m['tnr']:.3f} | {m['balanced_accuracy']:.3f} | {m['min_area']} | "
                 f"{m['n_images']} | {m['finetune_s']:.1f} |"
             )
@@ -201,6 +231,11 @@ def main():
     p.add_argument("--patience", type=int, default=12)
     p.add_argument("--lr", default="2e-4")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rotation", type=float, default=5.0, help="train.py --rotation (augmentation, degrees)")
+    p.add_argument("--flip", action="store_true", help="train.py --flip")
+    p.add_argument("--seed", type=int, default=0, help="train.py --seed")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="skip training: finetune + test again the models this script trained before")
     p.add_argument("--xla", action="store_true", help="also measure training throughput with jit_compile=True")
     p.add_argument("--doc", default=os.path.join(REPO, "docs", "bench_autoencoders.md"))
     args = p.parse_args()
@@ -212,8 +247,12 @@ def main():
     started = machine()
     for c in args.configs:
         row = run_config(c, args, results_dir)
-        row["machine"] = started
-        row["command"] = "python bench/autoencoders.py " + " ".join(sys.argv[1:])
+        command = "python bench/autoencoders.py " + " ".join(sys.argv[1:])
+        if args.evaluate_only:
+            row["evaluate_command"] = command
+        else:
+            row["machine"] = started
+            row["command"] = command
         with open(os.path.join(results_dir, f"result_{row['config']}.json"), "w") as f:
             json.dump(row, f, indent=2)
     # The doc covers every config measured so far (one result file each), so configs can run separately.
