@@ -13,6 +13,10 @@ each run, so a partial run is still usable.
     .venv/bin/python bench/mnist_oneclass.py                     # everything
     .venv/bin/python bench/mnist_oneclass.py --protocols a --digits 9 --seeds 0
     .venv/bin/python bench/mnist_oneclass.py --report bench/results/mnist_oneclass.json
+
+Tuning never touches the test set: ``--split holdout`` trains on 50,000 training
+images and evaluates on the other 10,000 (a fixed split of the training set), and
+``--set model.option=value`` changes a preset for such a study.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--models", default="ganomaly,efficientgan,dense_ae",
                    help="protocol c only ever runs efficientgan")
     p.add_argument("--steps", type=int, default=None, help="override every model's training steps")
+    p.add_argument("--split", default="test", choices=("test", "holdout"),
+                   help="test: evaluate on the MNIST test set; holdout: train on 50,000 training images and "
+                        "evaluate on the other 10,000 (for tuning without the test set)")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.OPTION=VALUE",
+                   help="override a preset, e.g. --set ganomaly.latent_dim=100 (repeatable)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="minutes: start no new run after this much wall time (results say what ran)")
     p.add_argument("--out", default="bench/results/mnist_oneclass.json")
@@ -78,7 +87,24 @@ def parse_args(argv=None):
         raise InputError(f"--models={','.join(a.models)}: choose from {', '.join(PRESETS)}")
     if a.steps is not None and a.steps < 1:
         raise InputError("--steps must be positive")
+    a.overrides = {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        model, _, option = key.partition(".")
+        if model not in PRESETS or not option or not value:
+            raise InputError(f"--set {item!r}: expected MODEL.OPTION=VALUE with MODEL in {', '.join(PRESETS)}")
+        a.overrides.setdefault(model, {})[option] = json.loads(value) if value[0] in "0123456789-[{tf" else value
     return a
+
+
+HOLDOUT = 10_000
+
+
+def holdout_split(x_train, y_train, x_test, y_test):
+    """A fixed split of the training set: (50,000 to train on, 10,000 to evaluate on). The test set is unused."""
+    order = np.random.default_rng(20261129).permutation(len(x_train))
+    keep, held = order[HOLDOUT:], order[:HOLDOUT]
+    return x_train[keep], y_train[keep], x_train[held], y_train[held]
 
 
 def plan(args):
@@ -97,10 +123,10 @@ def plan(args):
     return runs
 
 
-def run_one(run, data, steps_override):
+def run_one(run, data, steps_override, overrides=None):
     from mvtec_keras.detectors.base import detector_class
 
-    preset = dict(PRESETS[run["model"]])
+    preset = {**PRESETS[run["model"]], **(overrides or {}).get(run["model"], {})}
     steps = steps_override or preset.pop("steps")
     preset.pop("steps", None)
     train, test, labels = one_class_split(*data, normal_digits=run["normal"], anomaly_digits=run["anomalous"])
@@ -179,6 +205,8 @@ def main(argv=None):
             print(markdown(json.load(open(args.report))))
             return 0
         data = load_mnist(args.data)
+        if args.split == "holdout":
+            data = holdout_split(*data)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -192,11 +220,13 @@ def main(argv=None):
     results = {
         "env": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                 "cpus": os.cpu_count()},
-        "presets": PRESETS, "steps_override": args.steps, "sessions": [], "runs": [],
+        "presets": PRESETS, "steps_override": args.steps, "split": args.split, "overrides": args.overrides,
+        "sessions": [], "runs": [],
     }
     if args.resume and os.path.isfile(args.out):
         previous = json.load(open(args.out))
-        if previous.get("presets") != PRESETS or previous.get("steps_override") != args.steps:
+        if (previous.get("presets") != PRESETS or previous.get("steps_override") != args.steps
+                or previous.get("split", "test") != args.split or previous.get("overrides", {}) != args.overrides):
             raise SystemExit(f"error: {args.out} was made with other training budgets; cannot resume")
         results = previous
         done = {(r["protocol"], r["case"], r["model"], r["seed"]) for r in results["runs"]}
@@ -209,7 +239,7 @@ def main(argv=None):
             session["stopped_early"] = f"time limit reached: {i - 1} of {len(runs)} planned runs done"
             print(session["stopped_early"], flush=True)
             break
-        r = run_one(run, data, args.steps)
+        r = run_one(run, data, args.steps, args.overrides)
         results["runs"].append(r)
         session["wall_s"] = time.perf_counter() - t_start
         with open(args.out + ".tmp", "w") as f:
