@@ -217,6 +217,11 @@ def write_markdown(rows, path):
                 f"{m['tpr']:.3f} | {m['tnr']:.3f} | {m['balanced_accuracy']:.3f} | {m['min_area']} | "
                 f"{m['n_images']} | {m['finetune_s']:.1f} |"
             )
+    scored = [(m["pixel_auroc"], r["config"], method) for r in rows for method in ("ssim", "l2")
+              if (m := r.get(f"residual_{method}")) and m.get("pixel_auroc") is not None]
+    if scored:
+        best = max(scored)
+        lines += ["", f"Best pixel AUROC: **{best[0]:.3f}** ({best[1]}, {best[2]} residual map; target 0.90)."]
     lines += ["", "| config | machine at start |", "|---|---|"]
     lines += [f"| {r['config']} | {r.get('machine', '-')} |" for r in rows]
     with open(path, "w") as f:
