@@ -39,8 +39,11 @@ from mvtec_keras.data.mnist import load_mnist, one_class_split  # noqa: E402
 from mvtec_keras.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
 
 # Fixed training budgets, sized for a shared 2-core CPU (see docs/bench_mnist.md).
+# Input size as in each model's reference MNIST setup: the official GANomaly code feeds 32 x 32
+# (here zero-padded, so strokes keep their scale), EfficientGAN and the classic Keras AE use 28 x 28.
 PRESETS = {
-    "ganomaly": {"steps": 1000, "batch_size": 64, "latent_dim": 16, "filters": 16, "learning_rate": 1e-3},
+    "ganomaly": {"steps": 1000, "batch_size": 64, "latent_dim": 16, "filters": 16, "learning_rate": 1e-3,
+                 "image_size": 32},
     "efficientgan": {"steps": 400, "batch_size": 64, "latent_dim": 32, "filters": 16, "learning_rate": 1e-3},
     "dense_ae": {"steps": 1000, "batch_size": 256, "latent_dim": 32, "learning_rate": 1e-3},
 }
@@ -74,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench/results/mnist_oneclass.json")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --out and skip them (same protocol, case, model, seed)")
-    p.add_argument("--report", default=None, help="only print the markdown tables of this results JSON")
+    p.add_argument("--report", nargs="+", default=None,
+                   help="only print the markdown tables of these results JSONs (their runs pooled)")
     a = p.parse_args(argv)
     a.protocols = [v for v in a.protocols.split(",") if v]
     if not a.protocols or set(a.protocols) - set(PROTOCOL_MODELS):
@@ -123,15 +127,21 @@ def plan(args):
     return runs
 
 
-def run_one(run, data, steps_override, overrides=None):
+def make_detector(run, steps_override=None, overrides=None):
+    """The untrained detector of one run (its constructor only stores settings)."""
     from mvtec_keras.detectors.base import detector_class
 
-    preset = {**PRESETS[run["model"]], **(overrides or {}).get(run["model"], {})}
+    preset = {"image_size": 28, **PRESETS[run["model"]], **(overrides or {}).get(run["model"], {})}
     steps = steps_override or preset.pop("steps")
     preset.pop("steps", None)
-    train, test, labels = one_class_split(*data, normal_digits=run["normal"], anomaly_digits=run["anomalous"])
-    det = detector_class(run["model"])(image_size=28, channels=1, epochs=1, steps_per_epoch=steps,
-                                       seed=run["seed"], **preset)
+    return detector_class(run["model"])(channels=1, epochs=1, steps_per_epoch=steps, seed=run["seed"], **preset)
+
+
+def run_one(run, data, steps_override, overrides=None):
+    det = make_detector(run, steps_override, overrides)
+    steps = det.steps_per_epoch
+    train, test, labels = one_class_split(*data, normal_digits=run["normal"], anomaly_digits=run["anomalous"],
+                                          image_size=det.image_size)
     import keras
 
     marks = []  # batch-end times: steady-state speed excludes graph tracing in the first step
@@ -149,10 +159,28 @@ def run_one(run, data, steps_override, overrides=None):
             "final_losses": {k: v[-1] for k, v in det.history_.items()}, "config": det.get_config()}
 
 
+def _key(run, config) -> tuple:
+    return run["protocol"], run["case"], run["model"], run["seed"], json.dumps(config, sort_keys=True)
+
+
+def current_runs(results: dict) -> list:
+    """The runs made with the file's current presets (older settings are kept but not tabulated)."""
+    keep = []
+    for r in results["runs"]:
+        run = {**r, "normal": None, "anomalous": None}
+        expected = make_detector(run, results.get("steps_override"), results.get("overrides")).get_config()
+        if json.dumps(r["config"], sort_keys=True) == json.dumps(expected, sort_keys=True):
+            keep.append(r)
+    return keep
+
+
 def markdown(results: dict) -> str:
     """Per-protocol tables: AUROC mean ± std over seeds per digit, plus timing."""
-    rows = results["runs"]
+    rows = current_runs(results)
     out = []
+    if len(rows) < len(results["runs"]):
+        out += [f"({len(results['runs']) - len(rows)} older runs in the file used other settings and are "
+                "left out.)", ""]
     for proto in ("a", "b", "c"):
         sub = [r for r in rows if r["protocol"] == proto]
         if not sub:
@@ -200,9 +228,13 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.report:
-            if not os.path.isfile(args.report):
-                raise InputError(f"{args.report}: results file not found")
-            print(markdown(json.load(open(args.report))))
+            pooled = None
+            for path in args.report:
+                if not os.path.isfile(path):
+                    raise InputError(f"{path}: results file not found")
+                res = json.load(open(path))
+                pooled = res if pooled is None else {**pooled, "runs": pooled["runs"] + res["runs"]}
+            print(markdown(pooled))
             return 0
         data = load_mnist(args.data)
         if args.split == "holdout":
@@ -225,12 +257,13 @@ def main(argv=None):
     }
     if args.resume and os.path.isfile(args.out):
         previous = json.load(open(args.out))
-        if (previous.get("presets") != PRESETS or previous.get("steps_override") != args.steps
-                or previous.get("split", "test") != args.split or previous.get("overrides", {}) != args.overrides):
-            raise SystemExit(f"error: {args.out} was made with other training budgets; cannot resume")
-        results = previous
-        done = {(r["protocol"], r["case"], r["model"], r["seed"]) for r in results["runs"]}
-        runs = [r for r in runs if (r["protocol"], r["case"], r["model"], r["seed"]) not in done]
+        if previous.get("split", "test") != args.split:
+            raise SystemExit(f"error: {args.out} holds --split {previous.get('split', 'test')} runs; cannot resume")
+        # A run is done when one with the same case, seed and full detector config is in the file;
+        # runs made with other settings stay in the file but are left out of the tables.
+        done = {_key(r, r["config"]) for r in previous["runs"]}
+        runs = [r for r in runs if _key(r, make_detector(r, args.steps, args.overrides).get_config()) not in done]
+        results = {**previous, "presets": PRESETS, "steps_override": args.steps, "overrides": args.overrides}
     results["sessions"].append(session)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t_start = time.perf_counter()

@@ -82,6 +82,15 @@ def test_one_class_split(fake_mnist):
     np.testing.assert_array_equal(labels, [1, 1, 0, 1, 1, 0, 1])
     with pytest.raises(InputError):
         one_class_split(*data, normal_digits=[1, 2], anomaly_digits=[2])
+    # 32 px: zero-padded by 2 on every side, the digit itself unchanged.
+    train32, test32, labels32 = one_class_split(*data, normal_digits=2, image_size=32)
+    assert train32.shape == (1, 32, 32, 1) and test32.shape == (7, 32, 32, 1)
+    np.testing.assert_array_equal(train32[:, 2:30, 2:30], train)
+    assert not train32[:, :2].any() and not train32[:, :, 30:].any()
+    np.testing.assert_array_equal(labels32, labels)
+    for bad in (27, 31):
+        with pytest.raises(InputError, match="image_size"):
+            one_class_split(*data, normal_digits=2, image_size=bad)
 
 
 @pytest.mark.slow

@@ -52,8 +52,11 @@ def load_mnist(root: str = "../shared/data/mnist"):
     return out["x_train"], out["y_train"], out["x_test"], out["y_test"]
 
 
-def one_class_split(x_train, y_train, x_test, y_test, normal_digits, anomaly_digits=None):
-    """Split for one-class benchmarks, images as float32 [N, 28, 28, 1] in [0, 1].
+def one_class_split(x_train, y_train, x_test, y_test, normal_digits, anomaly_digits=None, image_size=28):
+    """Split for one-class benchmarks, images as float32 [N, S, S, 1] in [0, 1].
+
+    ``image_size`` S > 28 zero-pads the digits to S x S around the centre (the
+    official GANomaly feeds MNIST at 32 x 32); the strokes keep their scale.
 
     Training keeps the ``normal_digits`` only; the test set keeps normal and
     anomalous digits (``anomaly_digits=None``: every other digit). Returns
@@ -63,12 +66,18 @@ def one_class_split(x_train, y_train, x_test, y_test, normal_digits, anomaly_dig
     if anomaly_digits is None:
         anomaly_digits = np.setdiff1d(np.arange(10), normal_digits)
     anomaly_digits = np.atleast_1d(np.asarray(anomaly_digits))
+    size = int(image_size)
+    if size < x_train.shape[1] or (size - x_train.shape[1]) % 2:
+        raise InputError(f"image_size={image_size}: MNIST digits are {x_train.shape[1]} px; choose 28 + an even "
+                         "number of pixels")
     if np.intersect1d(normal_digits, anomaly_digits).size:
         raise InputError(f"digits {normal_digits.tolist()} cannot be both normal and anomalous")
     keep = np.isin(y_test, normal_digits) | np.isin(y_test, anomaly_digits)
     labels = np.isin(y_test[keep], anomaly_digits).astype(np.int32)
-    return _float(x_train[np.isin(y_train, normal_digits)]), _float(x_test[keep]), labels
+    pad = (size - x_train.shape[1]) // 2
+    return _float(x_train[np.isin(y_train, normal_digits)], pad), _float(x_test[keep], pad), labels
 
 
-def _float(x):
-    return (x.astype(np.float32) / 255.0)[..., None]
+def _float(x, pad=0):
+    x = (x.astype(np.float32) / 255.0)[..., None]
+    return np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
