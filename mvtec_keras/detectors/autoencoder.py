@@ -95,24 +95,6 @@ class AutoencoderDetector(Detector):
         self.jit_compile = jit_compile
         self.precision = precision
 
-    def get_config(self) -> dict:
-        return {
-            "architecture": self.architecture,
-            "input_shape": list(self.input_shape),
-            "loss": self.loss,
-            "residual": self.residual,
-            "score_reduction": self.score_reduction,
-            "score_sigma": self.score_sigma,
-            "map_sigma": self.map_sigma,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "patience": self.patience,
-            "seed": self.seed,
-            "jit_compile": self.jit_compile,
-            "precision": self.precision,
-        }
-
     # -- model ---------------------------------------------------------------
     def _compile(self, model: keras.Model, lr: float) -> None:
         loss_fn = residuals.get_loss(self.loss)

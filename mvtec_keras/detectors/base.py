@@ -19,6 +19,7 @@ backbone-specific normalisation happens inside the detector.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -68,6 +69,15 @@ class ScoreResult:
     images: Optional[np.ndarray] = None  # [N, H, W, C], only when asked for
 
 
+def _plain(value):
+    """A JSON-ready copy: NumPy scalars become Python numbers, tuples become lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 class Detector:
     """Base class. Subclasses implement ``_fit``, ``score_batch`` and the state hooks."""
 
@@ -77,7 +87,11 @@ class Detector:
 
     # -- configuration -------------------------------------------------------
     def get_config(self) -> dict:
-        raise NotImplementedError
+        """The constructor's parameters, read back from the attributes of the same name
+        (as scikit-learn's ``get_params``), as JSON-ready values."""
+        params = inspect.signature(type(self).__init__).parameters
+        names = [n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+        return {n: _plain(getattr(self, n)) for n in names}
 
     @classmethod
     def from_config(cls, config: dict) -> "Detector":

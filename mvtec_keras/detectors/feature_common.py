@@ -47,9 +47,6 @@ class BackboneMixin:
         self.weights = weights
         self.input_size = input_size
 
-    def _backbone_config(self) -> dict:
-        return {"backbone": self.backbone, "weights": self.weights, "input_size": self.input_size}
-
     def _needed_levels(self) -> tuple:
         raise NotImplementedError
 

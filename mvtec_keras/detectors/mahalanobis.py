@@ -42,9 +42,6 @@ class MahalanobisDetector(BackboneMixin, Detector):
         self.levels = levels
         self.npca_variance = npca_variance
 
-    def get_config(self) -> dict:
-        return {**self._backbone_config(), "levels": [int(v) for v in self.levels], "npca_variance": self.npca_variance}
-
     def _needed_levels(self):
         return tuple(int(v) for v in self.levels)
 

@@ -45,16 +45,6 @@ class PadimDetector(BackboneMixin, Detector):
         self.sigma = sigma
         self.seed = seed
 
-    def get_config(self) -> dict:
-        return {
-            **self._backbone_config(),
-            "levels": [int(v) for v in self.levels],
-            "n_features": int(self.n_features),
-            "eps": float(self.eps),
-            "sigma": float(self.sigma),
-            "seed": int(self.seed),
-        }
-
     def _needed_levels(self):
         return tuple(int(v) for v in self.levels)
 

@@ -57,19 +57,6 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self.sigma = sigma
         self.seed = seed
 
-    def get_config(self) -> dict:
-        return {
-            **self._backbone_config(),
-            "levels": [int(v) for v in self.levels],
-            "embed_dim": None if self.embed_dim is None else int(self.embed_dim),
-            "coreset_ratio": float(self.coreset_ratio),
-            "max_bank_size": int(self.max_bank_size),
-            "proj_dim": None if self.proj_dim is None else int(self.proj_dim),
-            "num_neighbors": int(self.num_neighbors),
-            "sigma": float(self.sigma),
-            "seed": int(self.seed),
-        }
-
     def _needed_levels(self):
         return tuple(int(v) for v in self.levels)
 

@@ -46,17 +46,6 @@ class SpadeDetector(BackboneMixin, Detector):
         self.max_bank_images = max_bank_images
         self.seed = seed
 
-    def get_config(self) -> dict:
-        return {
-            **self._backbone_config(),
-            "image_level": int(self.image_level),
-            "map_levels": [int(v) for v in self.map_levels],
-            "k": int(self.k),
-            "sigma": float(self.sigma),
-            "max_bank_images": int(self.max_bank_images),
-            "seed": int(self.seed),
-        }
-
     def _needed_levels(self):
         return tuple(dict.fromkeys([int(self.image_level), *(int(v) for v in self.map_levels)]))
 
