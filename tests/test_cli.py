@@ -140,6 +140,17 @@ def test_extract_rejects_unknown_method(category, capsys):
     assert "--method" in _one_line_error(capsys)
 
 
+def test_main_job_runs_train_finetune_test(category, tmp_path, capsys):
+    out = str(tmp_path / "main-job")
+    assert mvtec_main(["run", "-d", category, "--size", "64", "--epochs", "1", "--precision", "float32",
+                       "--out", out]) == 0
+    printed = capsys.readouterr().out
+    res = json.load(open(os.path.join(out, "test", "test_result.json")))
+    assert '"image_auroc"' in printed and res["n_excluded_finetune"] > 0
+    ft = json.load(open(os.path.join(out, "finetune.json")))
+    assert ft["mode"] == "search" and res["map_sigma"] == ft["map_sigma"]
+
+
 def test_unknown_subcommand(capsys):
     assert mvtec_main(["frobnicate"]) == 2
 
