@@ -72,9 +72,7 @@ def inference_throughput(detector, images, batch, repeats=3):
 
 
 def run_config(cfg, args, results_dir):
-    import numpy as np
-
-    from mvtec_keras.cli import finetune, test, train
+    from mvtec_keras.cli import train
     from mvtec_keras.data import Preprocessing, discover_mvtec, load_arrays
     from mvtec_keras.detectors import load_detector
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import Optional
 
 from ..errors import EXIT_BAD_INPUT, InputError
@@ -60,40 +59,6 @@ def output_dir(path: str, keep_existing: bool = False):
         if not existed and not keep_existing:
             shutil.rmtree(path, ignore_errors=True)
         raise
-
-
-@contextlib.contextmanager
-def staged_dir(final: str):
-    """Write into a temporary sibling folder and move it into place only on success."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def model_dir_from_arg(path: str, flag: str = "-p/--path") -> str:

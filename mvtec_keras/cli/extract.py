@@ -9,7 +9,8 @@ import sys
 import time
 
 from ..errors import InputError
-from .common import add_data_args, data_info, output_dir, resolve_category, run_main, write_json
+from ..fileio import write_json
+from .common import add_data_args, data_info, output_dir, resolve_category, run_main
 
 FEATURE_METHODS = ("mahalanobis", "spade", "padim", "patchcore")
 

@@ -28,14 +28,8 @@ import sys
 import numpy as np
 
 from ..errors import InputError
-from .common import (
-    category_from_info,
-    model_dir_from_arg,
-    read_info,
-    run_main,
-    validation_samples,
-    write_json,
-)
+from ..fileio import write_json
+from .common import category_from_info, model_dir_from_arg, read_info, run_main, validation_samples
 
 FINETUNE_FILE = "finetune.json"
 

@@ -15,7 +15,8 @@ import sys
 import numpy as np
 
 from ..errors import InputError
-from .common import category_from_info, model_dir_from_arg, run_main, staged_dir, write_json
+from ..fileio import staged_dir, write_json
+from .common import category_from_info, model_dir_from_arg, run_main
 from .finetune import FINETUNE_FILE, load_for_scoring
 
 

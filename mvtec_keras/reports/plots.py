@@ -14,7 +14,6 @@ import contextlib
 import csv
 import os
 import re
-import tempfile
 
 import numpy as np
 from matplotlib import colormaps
@@ -25,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ..errors import InputError
+from ..fileio import atomic_path
 
 #: pixel ROC curves use at most this many pixels (a fixed-seed random sample)
 MAX_ROC_PIXELS = 2_000_000
@@ -34,23 +34,6 @@ _PRED_COLOUR = "red"
 
 
 # -- file helpers --------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_path(path: str, suffix: str = ""):
-    """Yield a temp name beside ``path``; rename it onto ``path`` only on success."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _all_or_nothing():
     """Collect written paths; on failure remove them so no partial set remains."""
@@ -67,7 +50,7 @@ def _all_or_nothing():
 def _save(fig: Figure, path: str) -> str:
     path = os.path.abspath(os.fspath(path))
     ext = os.path.splitext(path)[1].lower().lstrip(".") or "png"
-    with _atomic_path(path, suffix="." + ext) as tmp:
+    with atomic_path(path, suffix="." + ext) as tmp:
         fig.savefig(tmp, format=ext, dpi=_DPI, bbox_inches="tight")
     return path
 
@@ -371,7 +354,7 @@ def save_segmentations(segmentations, out_dir, paths=None) -> list[str]:
     with _all_or_nothing() as written:
         for m, nm in zip(out, names):
             path = os.path.abspath(os.path.join(out_dir, nm))
-            with _atomic_path(path, suffix=".png") as tmp:
+            with atomic_path(path, suffix=".png") as tmp:
                 Image.fromarray(m, mode="L").save(tmp, format="PNG")
             written.append(path)
     return written

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from .plots import _atomic_path
+from ..fileio import atomic_path
 
 #: pixel AUROC in the table uses at most this many pixels per row (fixed-seed sample)
 MAX_TABLE_PIXELS = 16_000_000
@@ -137,7 +137,7 @@ def write_predictions_csv(path, paths, defect_types, scores, predictions, labels
         return v.decode() if isinstance(v, bytes) else str(v)
 
     path = os.path.abspath(os.fspath(path))
-    with _atomic_path(path, suffix=".csv") as tmp:
+    with atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["file", "defect_type", "score", "prediction", "truth"])
