@@ -6,6 +6,7 @@ docs/bench_autoencoders.md plus raw JSON under bench/results/.
 
     python bench/autoencoders.py                       # mvtecCAE + baselineCAE on bottle
     python bench/autoencoders.py --configs mvtecCAE:ssim:grayscale:256 --epochs 80
+    python bench/autoencoders.py --configs mvtecCAE:ssim:rgb:128:mixed_bfloat16 --evaluate-only  # finetune + test again
 
 A config is ARCH:LOSS:COLOR:SIZE[:PRECISION] (float32 or mixed_bfloat16). Throughput figures are steady-state (after a warm-up).
 """
