@@ -160,7 +160,19 @@ def run_one(run, data, steps_override, overrides=None):
 
 
 def _key(run, config) -> tuple:
-    return run["protocol"], run["case"], run["model"], run["seed"], json.dumps(config, sort_keys=True)
+    return run["protocol"], run["case"], run["model"], run["seed"], json.dumps(_full(run, config), sort_keys=True)
+
+
+def _full(run, config) -> dict:
+    """``config`` plus the constructor defaults of options it predates, so that adding a
+    detector option (with a default) does not orphan the runs recorded before it existed."""
+    import inspect
+
+    from mvtec_keras.detectors.base import detector_class
+
+    params = inspect.signature(detector_class(run["model"]).__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return json.loads(json.dumps({**{k: v for k, v in defaults.items() if k not in config}, **config}))
 
 
 def current_runs(results: dict) -> list:
@@ -169,7 +181,7 @@ def current_runs(results: dict) -> list:
     for r in results["runs"]:
         run = {**r, "normal": None, "anomalous": None}
         expected = make_detector(run, results.get("steps_override"), results.get("overrides")).get_config()
-        if json.dumps(r["config"], sort_keys=True) == json.dumps(expected, sort_keys=True):
+        if _key(run, r["config"]) == _key(run, expected):
             keep.append(r)
     return keep
 
