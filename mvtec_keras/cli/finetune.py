@@ -80,14 +80,11 @@ def parse_sigmas(text: str):
 
 def choose_map_sigma(maps, masks, has_mask, sigmas):
     """``(best sigma, {sigma: pixel AUROC})`` on labelled maps; None when nothing has a mask."""
-    from .. import metrics, residuals
+    from .. import metrics
 
     if not has_mask.any() or not masks[has_mask].any():
         return None, {}
-    table = {}
-    for sigma in sigmas:
-        m = maps if sigma == 0 else np.asarray(residuals.gaussian_blur(maps, sigma))
-        table[sigma] = metrics.pixel_auroc(masks[has_mask], m[has_mask])
+    table = {sigma: metrics.pixel_auroc(masks[has_mask], _blur(maps[has_mask], sigma)) for sigma in sigmas}
     best = max(table.values())
     return min(s for s, v in table.items() if v == best), table
 
