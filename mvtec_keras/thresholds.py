@@ -336,3 +336,20 @@ def threshold_from_fpr_maps(
     flags = largest_region_areas(val, cand, exclude_border, connectivity) >= min_area
     k = int(_lowest_safe(flags, allowed))
     return float(cand[k]) if k < cand.size else float("inf")
+
+
+def choose_map_sigma(maps, masks, has_mask, sigmas):
+    """The Gaussian blur of anomaly maps that ranks labelled pixels best.
+
+    Returns ``(best sigma, {sigma: pixel AUROC})`` over the images where
+    ``has_mask`` is True (ties go to the smaller sigma), or ``(None, {})`` when
+    no image there has a defect pixel.
+    """
+    from . import metrics, residuals
+
+    if not has_mask.any() or not masks[has_mask].any():
+        return None, {}
+    maps, masks = maps[has_mask], masks[has_mask]
+    table = {s: metrics.pixel_auroc(masks, np.asarray(residuals.gaussian_blur(maps, s))) for s in sigmas}
+    best = max(table.values())
+    return min(s for s, v in table.items() if v == best), table

@@ -257,7 +257,7 @@ def test_threshold_from_fpr_maps():
 
 
 def test_choose_map_sigma_prefers_the_blur_that_ranks_pixels_best():
-    from mvtec_keras.cli.finetune import choose_map_sigma
+    from mvtec_keras.thresholds import choose_map_sigma
 
     rng = np.random.RandomState(0)
     masks = np.zeros((6, 32, 32), np.uint8)

@@ -78,23 +78,6 @@ def parse_sigmas(text: str):
     return values
 
 
-def choose_map_sigma(maps, masks, has_mask, sigmas):
-    """``(best sigma, {sigma: pixel AUROC})`` on labelled maps; None when nothing has a mask."""
-    from .. import metrics
-
-    if not has_mask.any() or not masks[has_mask].any():
-        return None, {}
-    table = {sigma: metrics.pixel_auroc(masks[has_mask], _blur(maps[has_mask], sigma)) for sigma in sigmas}
-    best = max(table.values())
-    return min(s for s, v in table.items() if v == best), table
-
-
-def _blur(maps, sigma):
-    from .. import residuals
-
-    return maps if not sigma else np.asarray(residuals.gaussian_blur(maps, sigma))
-
-
 def load_for_scoring(model_dir: str, method=None):
     """Detector + info of a run folder, with an optional residual-map override."""
     from ..detectors import load_detector
@@ -112,7 +95,7 @@ def load_for_scoring(model_dir: str, method=None):
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from .. import reports, thresholds
+    from .. import reports, residuals, thresholds
     from ..data import Preprocessing, make_dataset, stratified_split
 
     if args.dtype not in ("float32", "uint8"):
@@ -149,9 +132,10 @@ def main(argv=None) -> None:
     sigma_table = {}
     if choose_sigma and use_maps:
         has_mask = np.array([s.mask_path is not None or s.label == 0 for s in ft])
-        best, sigma_table = choose_map_sigma(ft_res.maps, ft_res.masks, has_mask, sigmas)
+        best, sigma_table = thresholds.choose_map_sigma(ft_res.maps, ft_res.masks, has_mask, sigmas)
         det.map_sigma = own_sigma if best is None else best  # no masks in the split: keep the model's blur
-        val_res.maps, ft_res.maps = _blur(val_res.maps, det.map_sigma), _blur(ft_res.maps, det.map_sigma)
+        val_res.maps, ft_res.maps = (np.asarray(residuals.gaussian_blur(m, det.map_sigma))
+                                     for m in (val_res.maps, ft_res.maps))
     result = {
         "detector": det.name,
         "method": det.residual if hasattr(det, "residual") else det.name,

@@ -187,7 +187,9 @@ class AutoencoderDetector(Detector):
         recon = self.model_(x, training=False)
         maps = self.residual_maps(x, recon)
         smoothed = residuals.gaussian_blur(maps, self.score_sigma) if self.score_sigma else maps
-        if self.map_sigma:
+        if self.map_sigma == self.score_sigma:
+            maps = smoothed  # one blur serves both
+        elif self.map_sigma:
             maps = residuals.gaussian_blur(maps, self.map_sigma)
         return residuals.image_scores(smoothed, reduction=self.score_reduction), maps
 

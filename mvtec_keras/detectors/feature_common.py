@@ -48,7 +48,8 @@ class BackboneMixin:
         self.input_size = input_size
 
     def _needed_levels(self) -> tuple:
-        raise NotImplementedError
+        """The extractor taps this detector reads (default: its ``levels``)."""
+        return tuple(int(v) for v in self.levels)
 
     @property
     def extractor(self) -> keras.Model:

@@ -42,9 +42,6 @@ class MahalanobisDetector(BackboneMixin, Detector):
         self.levels = levels
         self.npca_variance = npca_variance
 
-    def _needed_levels(self):
-        return tuple(int(v) for v in self.levels)
-
     # -- fitting ---------------------------------------------------------------
     def _fit(self, train, validation=None, batch_size: int = 16, **kwargs) -> None:
         if self.npca_variance is not None and not 0.0 < float(self.npca_variance) < 1.0:

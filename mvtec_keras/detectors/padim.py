@@ -45,9 +45,6 @@ class PadimDetector(BackboneMixin, Detector):
         self.sigma = sigma
         self.seed = seed
 
-    def _needed_levels(self):
-        return tuple(int(v) for v in self.levels)
-
     def _concat(self, images):
         """Taps at the finest tap's resolution, concatenated: [B, h, w, C]."""
         feats = self._features(images, self._needed_levels())

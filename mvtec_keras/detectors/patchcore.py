@@ -57,9 +57,6 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self.sigma = sigma
         self.seed = seed
 
-    def _needed_levels(self):
-        return tuple(int(v) for v in self.levels)
-
     def patch_features(self, images):
         """Locally aware patch features, [B, h, w, C]."""
         # 3x3 neighbourhood mean over a zero-padded map (border patches average in
