@@ -85,7 +85,12 @@ def run_config(cfg, args, results_dir):
     out = os.path.join(results_dir, name)
     if args.evaluate_only:
         # Finetune + test again on the model an earlier run of this script trained (same config).
-        with open(os.path.join(results_dir, f"result_{name}.json")) as f:
+        result = os.path.join(results_dir, f"result_{name}.json")
+        if not (os.path.isfile(result) and os.path.isdir(out)):
+            print(f"error: --evaluate-only: no trained run for {name} in {results_dir}; train it first",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        with open(result) as f:
             row = json.load(f)
         return _evaluate(row, out)
     if os.path.exists(out):

@@ -270,7 +270,9 @@ def main(argv=None):
     if args.resume and os.path.isfile(args.out):
         previous = json.load(open(args.out))
         if previous.get("split", "test") != args.split:
-            raise SystemExit(f"error: {args.out} holds --split {previous.get('split', 'test')} runs; cannot resume")
+            print(f"error: {args.out} holds --split {previous.get('split', 'test')} runs; cannot resume",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
         # A run is done when one with the same case, seed and full detector config is in the file;
         # runs made with other settings stay in the file but are left out of the tables.
         done = {_key(r, r["config"]) for r in previous["runs"]}
