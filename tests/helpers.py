@@ -41,3 +41,14 @@ def make_mvtec(root, size=32, n_train=12, n_good=4, defects=("scratch", "hole"),
             if (d, i) != missing_mask_for:
                 write_image(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"), mask)
     return root
+
+
+def toy_images(n, size=28, channels=1, anomalous=False, seed=0):
+    """Normals: smooth dark gradients; anomalies: bright uniform noise."""
+    rng = np.random.default_rng(seed)
+    if anomalous:
+        return rng.uniform(0.5, 1.0, (n, size, size, channels)).astype(np.float32)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a, b = rng.uniform(0, 1, (2, n, 1, 1))
+    img = 0.2 * (a * xx + (1 - a) * yy) + 0.05 * b
+    return np.repeat(img[..., None], channels, axis=-1).astype(np.float32)

@@ -12,6 +12,7 @@ from mvtec_keras.detectors.base import detector_class, load_detector
 from mvtec_keras.detectors.gan import _KeepBest
 from mvtec_keras.errors import InputError
 from mvtec_keras.models import gans
+from helpers import toy_images
 
 TINY = {"latent_dim": 8, "filters": 8}
 MODELS = {
@@ -26,17 +27,6 @@ DETECTOR_OPTS = {
     "anogan": {**TINY, "search_steps": 30},
     "dense_ae": {"latent_dim": 8, "hidden": (32,)},
 }
-
-
-def toy_images(n, size=28, channels=1, anomalous=False, seed=0):
-    """Normals: smooth dark gradients; anomalies: bright uniform noise."""
-    rng = np.random.default_rng(seed)
-    if anomalous:
-        return rng.uniform(0.5, 1.0, (n, size, size, channels)).astype(np.float32)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    a, b = rng.uniform(0, 1, (2, n, 1, 1))
-    img = 0.2 * (a * xx + (1 - a) * yy) + 0.05 * b
-    return np.repeat(img[..., None], channels, axis=-1).astype(np.float32)
 
 
 def _compile(model):

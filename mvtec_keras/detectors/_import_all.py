@@ -2,7 +2,7 @@
 
 import importlib
 
-for _mod in ("autoencoder", "mahalanobis", "spade", "padim", "patchcore", "gan"):
+for _mod in ("autoencoder", "mahalanobis", "spade", "padim", "patchcore", "gan", "ensemble"):
     try:
         importlib.import_module(f"{__package__}.{_mod}")
     except ModuleNotFoundError as e:  # a family not built yet
