@@ -203,6 +203,30 @@ def test_gan_through_train_finetune_test(category, tmp_path):
     assert res["detector"] == "ganomaly" and res["pixel_auroc"] is not None
 
 
+def test_gan_seed_ensemble_through_train_finetune_test(category, tmp_path):
+    """--members K trains K GANs (seeds SEED ... SEED+K-1) saved as one ensemble detector."""
+    out = str(tmp_path / "ens")
+    assert train.cli(["-d", category, "-a", "ganomaly", "--size", "32", "-b", "4", "--epochs", "1",
+                      "--members", "2", "--seed", "3", "--out", out, "-q"]) == 0
+    info = json.load(open(os.path.join(out, "info.json")))
+    assert info["detector"] == "ensemble" and info["training"]["epochs_trained"] == 2
+    meta = json.load(open(os.path.join(out, "detector.json")))
+    assert meta["config"]["detector"] == "ganomaly" and meta["config"]["members"] == 2
+    seeds = [json.load(open(os.path.join(out, f"member_{i}", "detector.json")))["config"]["seed"] for i in (0, 1)]
+    assert seeds == [3, 4]
+    assert finetune.cli(["-p", out, "--min-area", "5:20:5", "-q"]) == 0
+    assert test.cli(["-p", out, "-q"]) == 0
+    res = json.load(open(os.path.join(out, "test", "test_result.json")))
+    assert res["detector"] == "ensemble" and res["pixel_auroc"] is not None
+
+
+@pytest.mark.parametrize("args", [["-a", "mvtecCAE", "--members", "2"], ["-a", "ganomaly", "--members", "0"]])
+def test_members_flag_is_checked(category, tmp_path, capsys, args):
+    assert train.cli(["-d", category, *args, "--out", str(tmp_path / "m")]) == 2
+    assert "--members" in _one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "m")
+
+
 def test_gan_rejects_unsupported_size(category, tmp_path, capsys):
     assert train.cli(["-d", category, "-a", "ganomaly", "--size", "48", "--out", str(tmp_path / "g")]) == 2
     assert "--size" in _one_line_error(capsys)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--inspect", action="store_true", help="write inspection images")
     p.add_argument("--out", help="output folder (default runs/<category>/<arch>-<loss>-<color>-<time>)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run in --out")
+    p.add_argument("--members", type=int, default=1,
+                   help="GANs: train a seed ensemble of K models (seeds SEED ... SEED+K-1) and average their "
+                        "standardised scores; steadier than one GAN, K times the training (default 1)")
     p.add_argument("--jit", action="store_true", help="XLA jit_compile (slower on CPU; measure first)")
     p.add_argument("--precision", default="float32",
                    help="float32 | mixed_bfloat16 | auto (bfloat16 compute with float32 weights is several times "
@@ -87,14 +90,13 @@ def make_detector(args, prep):
         raise InputError(f"--size: {arch} supports {', '.join(map(str, SUPPORTED_SIZES))}, got {prep.size}")
     if args.lr == "auto":
         raise InputError(f"--lr auto is for autoencoders; give {arch} a number")
-    return detector_class(arch)(
-        image_size=prep.size,
-        channels=prep.channels,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=_float(args.lr, "--lr"),
-        seed=args.seed,
-    )
+    config = dict(image_size=prep.size, channels=prep.channels, epochs=args.epochs, batch_size=args.batch_size,
+                  learning_rate=_float(args.lr, "--lr"), seed=args.seed)
+    if args.members == 1:
+        return detector_class(arch)(**config)
+    if args.resume:
+        raise InputError("--resume: an ensemble (--members > 1) cannot resume; train it again")
+    return detector_class("ensemble")(detector=arch, config=config, members=args.members)
 
 
 def _float(v, flag):
@@ -113,6 +115,8 @@ def main(argv=None) -> None:
         raise InputError(f"-b/--batch-size must be at least 1, got {args.batch_size}")
     if args.epochs < 1:
         raise InputError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.members < 1 or (args.members > 1 and arch in AE_ARCHITECTURES):
+        raise InputError(f"--members must be 1 for autoencoders and at least 1 for GANs, got {args.members}")
     size = args.size or (256 if arch in AE_ARCHITECTURES else 64)
     prep = Preprocessing(size=size, color_mode=args.color)
     detector = make_detector(args, prep)  # validates flags before any file is written
@@ -145,7 +149,8 @@ def main(argv=None) -> None:
             from ..training import fresh_workdir, standard_callbacks
 
             fresh_workdir(out, args.resume)
-            callbacks, guard = standard_callbacks(out, monitor=None)
+            # An ensemble's members would share one checkpoint and backup: they get only the NaN guard.
+            callbacks, guard = standard_callbacks(out if args.members == 1 else None, monitor=None)
             detector.fit(train_ds, val_ds, callbacks=callbacks, verbose=verbose)
             guard.check()
         wall = time.time() - t0
