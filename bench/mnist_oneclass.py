@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--models", default="ganomaly,efficientgan,dense_ae",
                    help="protocol c only ever runs efficientgan")
     p.add_argument("--steps", type=int, default=None, help="override every model's training steps")
+    p.add_argument("--members", type=int, default=1,
+                   help="K > 1: each run is a seed ensemble of K detectors (mvtec_keras 'ensemble'); run seed s "
+                        "trains members with seeds s*K ... s*K+K-1, so different runs share no member")
     p.add_argument("--split", default="test", choices=("test", "holdout"),
                    help="test: evaluate on the MNIST test set; holdout: train on 50,000 training images and "
                         "evaluate on the other 10,000 (for tuning without the test set)")
@@ -91,6 +94,8 @@ def parse_args(argv=None):
         raise InputError(f"--models={','.join(a.models)}: choose from {', '.join(PRESETS)}")
     if a.steps is not None and a.steps < 1:
         raise InputError("--steps must be positive")
+    if a.members < 1:
+        raise InputError("--members must be positive")
     a.overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
@@ -127,21 +132,25 @@ def plan(args):
     return runs
 
 
-def make_detector(run, steps_override=None, overrides=None):
+def make_detector(run, steps_override=None, overrides=None, members=1):
     """The untrained detector of one run (its constructor only stores settings)."""
     from mvtec_keras.detectors.base import detector_class
 
     preset = {"image_size": 28, **PRESETS[run["model"]], **(overrides or {}).get(run["model"], {})}
     steps = steps_override or preset.pop("steps")
     preset.pop("steps", None)
-    return detector_class(run["model"])(channels=1, epochs=1, steps_per_epoch=steps, seed=run["seed"], **preset)
+    config = dict(channels=1, epochs=1, steps_per_epoch=steps, seed=run["seed"] * members, **preset)
+    if members == 1:
+        return detector_class(run["model"])(**config)
+    return detector_class("ensemble")(detector=run["model"], config=config, members=members)
 
 
-def run_one(run, data, steps_override, overrides=None):
-    det = make_detector(run, steps_override, overrides)
-    steps = det.steps_per_epoch
+def run_one(run, data, steps_override, overrides=None, members=1):
+    det = make_detector(run, steps_override, overrides, members)
+    member = det.member_configs()[0] if members > 1 else det.get_config()
+    steps = member["steps_per_epoch"]
     train, test, labels = one_class_split(*data, normal_digits=run["normal"], anomaly_digits=run["anomalous"],
-                                          image_size=det.image_size)
+                                          image_size=member["image_size"])
     import keras
 
     marks = []  # batch-end times: steady-state speed excludes graph tracing in the first step
@@ -153,10 +162,18 @@ def run_one(run, data, steps_override, overrides=None):
     t0 = time.perf_counter()
     scores = det.score(test, batch_size=500).scores
     score_s = time.perf_counter() - t0
+    histories = [m.history_ for m in det.members_] if members > 1 else [det.history_]
+    extra = {}
+    if members > 1:  # each member on its own, to compare with single runs of the same seed
+        extra["member_aurocs"] = [float(roc_auc_score(labels, m.score(test, batch_size=500).scores))
+                                  for m in det.members_]
     return {**{k: v for k, v in run.items() if k not in ("normal", "anomalous")},
-            "auroc": float(roc_auc_score(labels, scores)), "steps": steps, "train_s": train_s,
-            "steps_per_s": steps / train_s, "steady_steps_per_s": steady, "score_s": score_s, "n_train": len(train), "n_test": len(test),
-            "final_losses": {k: v[-1] for k, v in det.history_.items()}, "config": det.get_config()}
+            "auroc": float(roc_auc_score(labels, scores)), "steps": steps * members, "train_s": train_s,
+            "steps_per_s": steps * members / train_s, "steady_steps_per_s": steady, "score_s": score_s,
+            "n_train": len(train), "n_test": len(test),
+            "final_losses": [{k: v[-1] for k, v in h.items()} for h in histories][0 if members == 1 else slice(None)],
+            "config": det.get_config(),
+            "members": members, **extra}
 
 
 def _key(run, config) -> tuple:
@@ -170,9 +187,16 @@ def _full(run, config) -> dict:
 
     from mvtec_keras.detectors.base import detector_class
 
-    params = inspect.signature(detector_class(run["model"]).__init__).parameters
-    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    return json.loads(json.dumps({**{k: v for k, v in defaults.items() if k not in config}, **config}))
+    def filled(name, cfg):
+        params = inspect.signature(detector_class(name).__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        return {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}
+
+    if run.get("members", 1) > 1:
+        config = {**config, "config": filled(run["model"], config["config"])}
+    else:
+        config = filled(run["model"], config)
+    return json.loads(json.dumps(config))
 
 
 def current_runs(results: dict) -> list:
@@ -180,7 +204,8 @@ def current_runs(results: dict) -> list:
     keep = []
     for r in results["runs"]:
         run = {**r, "normal": None, "anomalous": None}
-        expected = make_detector(run, results.get("steps_override"), results.get("overrides")).get_config()
+        expected = make_detector(run, results.get("steps_override"), results.get("overrides"),
+                                 r.get("members", 1)).get_config()
         if _key(run, r["config"]) == _key(run, expected):
             keep.append(r)
     return keep
@@ -197,7 +222,7 @@ def markdown(results: dict) -> str:
         sub = [r for r in rows if r["protocol"] == proto]
         if not sub:
             continue
-        models = [m for m in PRESETS if any(r["model"] == m for r in sub)]
+        models = _labels(sub)
         cases = sorted({r["case"] for r in sub})
         title = {"a": "(a) one digit anomalous, nine normal", "b": "(b) one digit normal, nine anomalous",
                  "c": "(c) digits 7, 8 normal, digit 2 anomalous"}[proto]
@@ -207,7 +232,7 @@ def markdown(results: dict) -> str:
         for case in cases:
             cells = []
             for m in models:
-                v = [r["auroc"] for r in sub if r["model"] == m and r["case"] == case]
+                v = [r["auroc"] for r in sub if _label(r) == m and r["case"] == case]
                 if v:
                     means[m].append(np.mean(v))
                     cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f} (n={len(v)})")
@@ -220,16 +245,27 @@ def markdown(results: dict) -> str:
         out.append("")
     out += ["### Training cost (this CPU, per run)", "", "| model | steps | batch | mean train s | steps/s "
             "(incl. tracing) | steady steps/s | mean scoring s (10k images) | runs |", "|---|---|---|---|---|---|---|---|"]
-    for m in PRESETS:
-        sub = [r for r in rows if r["model"] == m]
+    for m in _labels(rows):
+        sub = [r for r in rows if _label(r) == m]
         if sub:
-            out.append(f"| {m} | {sub[0]['steps']} | {sub[0]['config']['batch_size']} | "
+            batch = sub[0]["config"].get("config", sub[0]["config"])["batch_size"]
+            out.append(f"| {m} | {sub[0]['steps']} | {batch} | "
                        f"{np.mean([r['train_s'] for r in sub]):.1f} | "
                        f"{np.mean([r['steps_per_s'] for r in sub]):.1f} | "
                        f"{np.mean([r['steady_steps_per_s'] for r in sub]):.1f} | "
                        f"{_fmt(np.mean([r['score_s'] for r in sub if r['n_test'] == 10000] or [np.nan]))} | "
                        f"{len(sub)} |")
     return "\n".join(out)
+
+
+def _label(run) -> str:
+    """Table column of a run: the model, with "× K" for a seed ensemble of K members."""
+    k = run.get("members", 1)
+    return run["model"] if k == 1 else f"{run['model']} × {k}"
+
+
+def _labels(rows) -> list:
+    return sorted({_label(r) for r in rows}, key=lambda lab: (list(PRESETS).index(lab.split(" ")[0]), lab))
 
 
 def _fmt(v):
@@ -265,6 +301,7 @@ def main(argv=None):
         "env": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                 "cpus": os.cpu_count()},
         "presets": PRESETS, "steps_override": args.steps, "split": args.split, "overrides": args.overrides,
+        "members": args.members,
         "sessions": [], "runs": [],
     }
     if args.resume and os.path.isfile(args.out):
@@ -276,8 +313,11 @@ def main(argv=None):
         # A run is done when one with the same case, seed and full detector config is in the file;
         # runs made with other settings stay in the file but are left out of the tables.
         done = {_key(r, r["config"]) for r in previous["runs"]}
-        runs = [r for r in runs if _key(r, make_detector(r, args.steps, args.overrides).get_config()) not in done]
-        results = {**previous, "presets": PRESETS, "steps_override": args.steps, "overrides": args.overrides}
+        runs = [{**r, "members": args.members} for r in runs]
+        runs = [r for r in runs
+                if _key(r, make_detector(r, args.steps, args.overrides, args.members).get_config()) not in done]
+        results = {**previous, "presets": PRESETS, "steps_override": args.steps, "overrides": args.overrides,
+                   "members": args.members}
     results["sessions"].append(session)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t_start = time.perf_counter()
@@ -286,13 +326,13 @@ def main(argv=None):
             session["stopped_early"] = f"time limit reached: {i - 1} of {len(runs)} planned runs done"
             print(session["stopped_early"], flush=True)
             break
-        r = run_one(run, data, args.steps, args.overrides)
+        r = run_one(run, data, args.steps, args.overrides, args.members)
         results["runs"].append(r)
         session["wall_s"] = time.perf_counter() - t_start
         with open(args.out + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(args.out + ".tmp", args.out)
-        print(f"[{i}/{len(runs)}] protocol {r['protocol']} case {r['case']:>8} {r['model']:<12} seed {r['seed']} "
+        print(f"[{i}/{len(runs)}] protocol {r['protocol']} case {r['case']:>8} {_label(r):<12} seed {r['seed']} "
               f"AUROC {r['auroc']:.3f}  train {r['train_s']:.1f}s ({r['steps_per_s']:.1f} steps/s)  "
               f"score {r['score_s']:.1f}s  total {session['wall_s'] / 60:.1f} min", flush=True)
     with open(args.out, "w") as f:
