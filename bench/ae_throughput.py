@@ -40,7 +40,6 @@ def main():
     if not os.path.isdir(args.data):
         print(f"error: data folder not found: {args.data}", file=sys.stderr)
         return 2
-    import numpy as np
 
     from bench.autoencoders import inference_throughput, train_throughput
     from mvtec_keras.data import Preprocessing, discover_mvtec, load_arrays, make_dataset

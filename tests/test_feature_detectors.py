@@ -210,7 +210,7 @@ def test_padim_has_no_python_loop_over_positions(data, monkeypatch):
     calls = []
     real_inv = fc.batched_inverse
     monkeypatch.setattr(fc, "batched_inverse", lambda a: calls.append(np.shape(a)) or real_inv(a))
-    det = make(PadimDetector).fit(train)
+    make(PadimDetector).fit(train)
     assert calls == [(8 * 8, 10, 10)]  # one batched inverse over all positions
 
     # The scoring graph has the same ops whatever the number of positions.

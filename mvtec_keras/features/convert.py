@@ -120,7 +120,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
             raise InputError(f"{self._path}: unexpected persistent id {pid!r}")
-        stype, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
+        stype, key, numel = pid[1], str(pid[2]), int(pid[4])  # pid[3] is the device
         if not isinstance(stype, _StorageType):
             raise InputError(f"{self._path}: unsupported storage type {stype!r}")
         view = pid[5] if len(pid) > 5 else None
