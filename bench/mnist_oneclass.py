@@ -243,6 +243,7 @@ def markdown(results: dict) -> str:
             out.append("| **mean** | " + " | ".join(
                 f"**{np.mean(means[m]):.3f}**" if means[m] else "–" for m in models) + " |")
         out.append("")
+    out += _ensemble_table(rows)
     out += ["### Training cost (this CPU, per run)", "", "| model | steps | batch | mean train s | steps/s "
             "(incl. tracing) | steady steps/s | mean scoring s (10k images) | runs |", "|---|---|---|---|---|---|---|---|"]
     for m in _labels(rows):
@@ -256,6 +257,23 @@ def markdown(results: dict) -> str:
                        f"{_fmt(np.mean([r['score_s'] for r in sub if r['n_test'] == 10000] or [np.nan]))} | "
                        f"{len(sub)} |")
     return "\n".join(out)
+
+
+def _ensemble_table(rows) -> list:
+    """Each seed ensemble against its own members, each member scored alone (same training runs)."""
+    ens = [r for r in rows if r.get("members", 1) > 1]
+    if not ens:
+        return []
+    out = ["### Seed ensembles against their own members", "",
+           "| protocol | case | model | ensemble AUROC, mean ± std (runs) | members alone, mean ± std (models) | gain |",
+           "|---|---|---|---|---|---|"]
+    for proto, case, label in sorted({(r["protocol"], r["case"], _label(r)) for r in ens}):
+        sub = [r for r in ens if (r["protocol"], r["case"], _label(r)) == (proto, case, label)]
+        e = [r["auroc"] for r in sub]
+        m = [a for r in sub for a in r["member_aurocs"]]
+        out.append(f"| {proto} | {case} | {label} | {np.mean(e):.3f} ± {np.std(e):.3f} ({len(e)}) | "
+                   f"{np.mean(m):.3f} ± {np.std(m):.3f} ({len(m)}) | {np.mean(e) - np.mean(m):+.3f} |")
+    return out + [""]
 
 
 def _label(run) -> str:

@@ -51,6 +51,7 @@ def test_seed_ensemble_runs_resume_and_report(bench, mnist_dir, tmp_path, capsys
     assert bench.main(["--report", out]) == 0
     table = capsys.readouterr().out
     assert "| case | ganomaly | ganomaly × 2 |" in table
+    assert "### Seed ensembles against their own members" in table
 
 
 def test_bad_members_flag(bench, mnist_dir, capsys):
