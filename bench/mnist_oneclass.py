@@ -163,6 +163,7 @@ def run_one(run, data, steps_override, overrides=None, members=1):
     scores = det.score(test, batch_size=500).scores
     score_s = time.perf_counter() - t0
     histories = [m.history_ for m in det.members_] if members > 1 else [det.history_]
+    final_losses = [{k: v[-1] for k, v in h.items()} for h in histories]
     extra = {}
     if members > 1:  # each member on its own, to compare with single runs of the same seed
         extra["member_aurocs"] = [float(roc_auc_score(labels, m.score(test, batch_size=500).scores))
@@ -171,7 +172,7 @@ def run_one(run, data, steps_override, overrides=None, members=1):
             "auroc": float(roc_auc_score(labels, scores)), "steps": steps * members, "train_s": train_s,
             "steps_per_s": steps * members / train_s, "steady_steps_per_s": steady, "score_s": score_s,
             "n_train": len(train), "n_test": len(test),
-            "final_losses": [{k: v[-1] for k, v in h.items()} for h in histories][0 if members == 1 else slice(None)],
+            "final_losses": final_losses[0] if members == 1 else final_losses,
             "config": det.get_config(),
             "members": members, **extra}
 
