@@ -81,29 +81,27 @@ class SeedEnsemble(Detector):
             if verbose:
                 print(f"ensemble member {i + 1}/{self.members} ({self.detector}, seed {config['seed']})")
             members.append(cls(**config).fit(train, validation, verbose=verbose, **kwargs))
-        calibration = train if validation is None else validation
-        stats = [self._normal_score_stats(m, calibration) for m in members]
+        self.center_, self.scale_ = self._normal_score_stats(members, train if validation is None else validation)
         self.members_ = members
         self.history_ = _joined_history(members)
         self.epochs_trained_ = len(next(iter(self.history_.values()), []))
-        self.center_ = np.array([s[0] for s in stats], np.float32)
-        self.scale_ = np.array([s[1] for s in stats], np.float32)
         self._score_fn = None
 
-    def _normal_score_stats(self, member, data):
-        """Mean and std of a member's scores on (up to ``calibration_images``) normal images."""
+    def _normal_score_stats(self, members, data):
+        """Per-member mean and std of the scores of the same (up to ``calibration_images``) normal images,
+        read in one pass over ``data``."""
         scores, n = [], 0
         for batch in _iterate_batches(data, 64, progress=False):
             x = np.asarray(batch["image"], np.float32)[: self.calibration_images - n]
-            scores.append(np.asarray(member.score_batch(x)[0], np.float32).reshape(-1))
+            scores.append(np.stack([np.asarray(m.score_batch(x)[0], np.float32).reshape(-1) for m in members]))
             n += len(x)
             if n >= self.calibration_images:
                 break
-        s = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-        if len(s) < 2:
+        if n < 2:
             raise InputError("ensemble: need at least 2 normal images to standardise the member scores")
-        std = float(s.std())
-        return float(s.mean()), std if std > 0 else 1.0
+        s = np.concatenate(scores, axis=1)  # [K, n]
+        std = s.std(axis=1)
+        return s.mean(axis=1).astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
     # -- scoring -------------------------------------------------------------
     def score_batch(self, images):
