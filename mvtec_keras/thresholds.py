@@ -34,6 +34,7 @@ __all__ = [
     "threshold_from_fpr",
     "threshold_from_fpr_maps",
     "classify",
+    "decide",
 ]
 
 # Voxels labelled per scipy call when stacking one image's thresholds (~40 MB of work arrays).
@@ -146,6 +147,21 @@ def classify(maps, threshold, min_area, exclude_border: bool = True, connectivit
     labels, areas = _region_areas(maps >= np.float64(threshold), _structure(connectivity), exclude_border)
     seg = (areas >= min_area)[labels]
     return seg.any(axis=(1, 2)), seg
+
+
+def decide(operating_point: dict, scores, maps=None):
+    """Decisions at an operating point (see :mod:`mvtec_keras.operating_point`).
+
+    Returns ``(predictions [N] bool, segmentations [N, H, W] bool or None)``.
+    Segmentation decisions need the maps; image-score decisions ignore them.
+    """
+    op = operating_point
+    if op.get("decision") == "segmentation":
+        if maps is None:
+            raise InputError("this operating point decides on anomaly maps, but no maps were given")
+        return classify(maps, op["threshold"], op["min_area"])
+    s = np.asarray(scores).reshape(-1)
+    return s >= np.float64(op["threshold"]), None
 
 
 # -- candidate thresholds ------------------------------------------------------

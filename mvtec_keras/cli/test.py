@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import staged_dir, write_json
 from .common import category_from_info, model_dir_from_arg, run_main
-from .finetune import FINETUNE_FILE, load_for_scoring
+from ..operating_point import configure_detector, load_operating_point
+from .finetune import load_for_scoring
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,18 +37,9 @@ def main(argv=None) -> None:
     from ..data import Preprocessing, make_dataset
 
     model_dir = model_dir_from_arg(args.path)
-    ft_path = os.path.join(model_dir, FINETUNE_FILE)
-    ft = None
-    if os.path.isfile(ft_path):
-        import json
-
-        with open(ft_path) as f:
-            ft = json.load(f)
+    ft = load_operating_point(model_dir)
     det, info = load_for_scoring(model_dir)
-    if ft and hasattr(det, "residual") and ft.get("method") in ("ssim", "l2"):
-        det.residual = ft["method"]  # score with the map the operating point was chosen on
-    if ft and hasattr(det, "map_sigma") and ft.get("map_sigma") is not None:
-        det.map_sigma = float(ft["map_sigma"])  # ... and with its blur
+    configure_detector(det, ft)
     prep = Preprocessing.from_dict(info["preprocessing"])
     cat = category_from_info(info)
     excluded = set(ft.get("finetune_files", [])) if ft else set()
@@ -73,10 +65,7 @@ def main(argv=None) -> None:
 
     segs = None
     if ft is not None:
-        if ft.get("decision") == "segmentation" and res.maps is not None:
-            pred, segs = thresholds.classify(res.maps, ft["threshold"], ft["min_area"])
-        else:
-            pred = res.scores >= ft["threshold"]
+        pred, segs = thresholds.decide(ft, res.scores, res.maps)
         out.update(metrics.threshold_metrics(labels, pred))
         out["min_area"], out["threshold"] = ft.get("min_area"), ft["threshold"]
         if "map_sigma" in ft:
