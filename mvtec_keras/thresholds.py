@@ -1,6 +1,25 @@
-"""Segmentation-style decisions: a map threshold combined with a minimum defect area.
+"""Every operating-point rule, and the decisions an operating point makes.
 
-Rule: threshold the anomaly map (``map >= threshold``), drop the connected
+An operating point (a dict, see :mod:`mvtec_keras.operating_point`) turns
+scores and maps into decisions through :func:`decide`. The rules that choose one:
+
+- ``search`` (:func:`search_min_area_threshold`): min_area x map threshold,
+  for detectors whose image score summarises their map (below);
+- ``balanced`` / ``f1`` (:func:`balanced_optimal`, :func:`f1_optimal`): the
+  image-score threshold with the best balanced accuracy / F1 on a labelled split;
+- ``fpr`` (:func:`normal_fpr`, :func:`normal_fpr_maps`): from normal images
+  only, a target false-positive rate (a quantile of validation scores);
+- ``chi2`` (:func:`chi2_bound`): for the Gaussian methods, a bound from the
+  fitted distribution alone;
+- :func:`choose_operating_point` picks and applies one, falling back to the
+  normal-only rule when no anomalous image is there to choose on.
+
+The labelled rules never return a point that flags all or none of a split
+holding both classes: their candidates span that split's scores (not only the
+validation normals' range), and the flag-everything threshold (the minimum
+score) is never a candidate.
+
+Segmentation rule: threshold the anomaly map (``map >= threshold``), drop the connected
 regions that touch the image border, and call the image defective when a
 remaining region has at least ``min_area`` pixels. Regions are 8-connected by
 default (``connectivity=4`` is available), as in :mod:`mvtec_keras.metrics`.
@@ -35,6 +54,13 @@ __all__ = [
     "threshold_from_fpr_maps",
     "classify",
     "decide",
+    "normal_fpr",
+    "normal_fpr_maps",
+    "balanced_optimal",
+    "f1_optimal",
+    "chi2_bound",
+    "choose_operating_point",
+    "RULES",
 ]
 
 # Voxels labelled per scipy call when stacking one image's thresholds (~40 MB of work arrays).
@@ -220,6 +246,10 @@ class MinAreaThresholdSearch:
     dtype: str
     exclude_border: bool = True
     connectivity: int = 8
+    #: the chosen pair came from the finetune split alone: every validation-safe pair flagged all or none of it
+    relaxed: bool = False
+    best_tpr: float = float("nan")  # of the chosen pair, on the finetune set
+    best_tnr: float = float("nan")
 
     def classify(self, maps):
         """Apply the chosen pair, see :func:`classify`."""
@@ -236,6 +266,20 @@ class MinAreaThresholdSearch:
             "connectivity": self.connectivity,
         }
 
+    def operating_point(self) -> dict:
+        """The chosen pair as an operating point (see :mod:`mvtec_keras.operating_point`)."""
+        return {
+            "rule": "search",
+            "decision": "segmentation",
+            "threshold": float(self.threshold),
+            "min_area": int(self.min_area),
+            "score": float(self.score),
+            "tpr": float(self.best_tpr),
+            "tnr": float(self.best_tnr),
+            "relaxed": bool(self.relaxed),
+            "chosen_on": "finetune split" if self.relaxed else "validation normals (threshold) + finetune split (min_area)",
+        }
+
 
 def _lowest_safe(flags: np.ndarray, allowed: int = 0) -> np.ndarray:
     """Lowest candidate index with at most ``allowed`` images flagged there or higher.
@@ -246,6 +290,13 @@ def _lowest_safe(flags: np.ndarray, allowed: int = 0) -> np.ndarray:
     flagged_above = np.logical_or.accumulate(flags[:, ::-1], axis=1)[:, ::-1]
     ok = flagged_above.sum(axis=0) <= allowed  # False ... False True ... True along T
     return np.where(ok.any(axis=0), np.argmax(ok, axis=0), flags.shape[1])
+
+
+def _search_candidates(val, ft, dtype, n_thresholds, value_range):
+    """Candidates spanning the validation *and* finetune maps (float32: the union of both grids)."""
+    if dtype == "uint8":
+        return candidate_thresholds(np.concatenate([val, ft]), dtype, n_thresholds, value_range)
+    return np.union1d(candidate_thresholds(val, dtype, n_thresholds), candidate_thresholds(ft, dtype, n_thresholds))
 
 
 def search_min_area_threshold(
@@ -261,11 +312,17 @@ def search_min_area_threshold(
 ) -> MinAreaThresholdSearch:
     """Tune ``(min_area, threshold)`` on defect-free validation maps and a labelled finetune set.
 
-    For each ``min_area`` the threshold is the lowest candidate (from the
-    validation maps, see :func:`candidate_thresholds`) at which, and above
-    which, no validation image is flagged; ``inf`` when there is none. The pair
-    with the best finetune balanced accuracy wins; ties go to the smallest
-    ``min_area``, the most sensitive rule to small defects.
+    For each ``min_area`` the threshold is the lowest candidate at which, and
+    above which, no validation image is flagged; ``inf`` when there is none.
+    Candidates (see :func:`candidate_thresholds`) span the validation and the
+    finetune maps. The pair with the best finetune balanced accuracy wins; ties
+    go to the smallest ``min_area``, the most sensitive rule to small defects.
+
+    When normal and defective maps overlap, every validation-safe pair can flag
+    all or none of the finetune set (balanced accuracy 0.5, a useless point).
+    Then the search is ``relaxed``: the pair is chosen on the finetune set alone,
+    best balanced accuracy over every (min_area, candidate) that flags some but
+    not all of it (ties: smallest min_area, then highest threshold).
     """
     val = _check_maps(val_maps, "val_maps")
     ft = _check_maps(ft_maps, "ft_maps")
@@ -280,7 +337,7 @@ def search_min_area_threshold(
         raise InputError("min_areas: expected positive integers")
     areas = areas.astype(np.int64)
 
-    cand = candidate_thresholds(val, dtype, n_thresholds, value_range)
+    cand = _search_candidates(val, ft, dtype, n_thresholds, value_range)
     t = cand.size
     val_areas = largest_region_areas(val, cand, exclude_border, connectivity)
     # One image flagged is enough, so the largest area over images decides.
@@ -297,7 +354,7 @@ def search_min_area_threshold(
     tnr = 1.0 - pred[~y].mean(axis=0)
     bal = (tpr + tnr) / 2
     best = int(np.argmax(bal))  # first maximum = smallest min_area
-    return MinAreaThresholdSearch(
+    out = MinAreaThresholdSearch(
         min_areas=areas,
         thresholds=thresholds,
         balanced_accuracy=bal,
@@ -310,7 +367,33 @@ def search_min_area_threshold(
         dtype=dtype,
         exclude_border=exclude_border,
         connectivity=connectivity,
+        best_tpr=float(tpr[best]),
+        best_tnr=float(tnr[best]),
     )
+    if 0 < pred[:, best].sum() < len(ft):
+        return out
+    relaxed = _finetune_optimal_pair(ft, y, areas, cand, exclude_border, connectivity)
+    if relaxed is not None:
+        out.min_area, out.threshold, out.score, out.best_tpr, out.best_tnr = relaxed
+        out.relaxed = True
+    return out
+
+
+def _finetune_optimal_pair(ft, y, areas, cand, exclude_border, connectivity):
+    """(min_area, threshold, balanced accuracy, tpr, tnr) best on the finetune set among pairs
+    that flag some but not all of it; None when every pair flags all or none."""
+    ft_areas = largest_region_areas(ft, cand, exclude_border, connectivity)  # [N, T]
+    best = None
+    for a in areas:
+        pred = ft_areas >= a  # [N, T]
+        n_flagged = pred.sum(axis=0)
+        tpr = pred[y].mean(axis=0)
+        tnr = 1.0 - pred[~y].mean(axis=0)
+        bal = np.where((n_flagged > 0) & (n_flagged < len(ft)), (tpr + tnr) / 2, -1.0)
+        j = int(len(bal) - 1 - np.argmax(bal[::-1]))  # highest threshold among ties
+        if bal[j] >= 0 and (best is None or bal[j] > best[2]):  # strict: ties keep the smaller min_area
+            best = (int(a), float(cand[j]), float(bal[j]), float(tpr[j]), float(tnr[j]))
+    return best
 
 
 def threshold_from_fpr(val_scores, target_fpr: float = 0.01) -> float:
@@ -369,3 +452,263 @@ def choose_map_sigma(maps, masks, has_mask, sigmas):
     table = {s: metrics.pixel_auroc(masks, np.asarray(residuals.gaussian_blur(maps, s))) for s in sigmas}
     best = max(table.values())
     return min(s for s, v in table.items() if v == best), table
+
+
+def choose_score_reduction(scores_by_reduction: dict, labels):
+    """The image-score reduction (``{name: scores}``) that ranks labelled images best.
+
+    Returns ``(best name, {name: image AUROC})``; ties go to the first name
+    given, or ``(None, {})`` when the labels hold one class only.
+    """
+    from .metrics import image_auroc
+
+    y = np.asarray(labels).reshape(-1).astype(int)
+    if y.all() or not y.any():
+        return None, {}
+    table = {k: float(image_auroc(y, np.asarray(v).reshape(-1))) for k, v in scores_by_reduction.items()}
+    best = max(table.values())
+    return next(k for k, v in table.items() if v == best), table
+
+
+# -- operating-point rules --------------------------------------------------------
+#: rule names accepted by :func:`choose_operating_point` (``auto`` picks one)
+RULES = ("auto", "search", "balanced", "f1", "fpr", "chi2")
+
+
+def _scores(values, name) -> np.ndarray:
+    s = np.asarray(values).reshape(-1)
+    if s.size == 0 or not np.issubdtype(s.dtype, np.number) or not np.isfinite(s).all():
+        raise InputError(f"{name}: expected a non-empty array of finite numbers")
+    return s.astype(np.float64)
+
+
+def _labelled(scores, labels, name="ft_labels"):
+    s = _scores(scores, "ft_scores")
+    y = np.asarray(labels).reshape(-1)
+    if y.size != s.size or not np.isin(y, (0, 1)).all():
+        raise InputError(f"{name}: expected {s.size} labels in {{0, 1}} (1 = defective)")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise InputError(f"{name}: a labelled rule needs both normal and defective images")
+    return s, y
+
+
+def _image_score_sweep(scores, labels):
+    """Candidate thresholds between consecutive distinct scores (never the minimum, so some image
+    is always left unflagged; the highest candidate flags only the top score) with TP / FP counts."""
+    s, y = _labelled(scores, labels)
+    u = np.unique(s)
+    if u.size < 2:
+        return None
+    cand = (u[:-1] + u[1:]) / 2  # midway: the same decisions on this split, a margin on both sides
+    cand = np.where((cand > u[:-1]) & (cand <= u[1:]), cand, u[1:])  # float rounding guard
+    order = np.sort(s[y]), np.sort(s[~y])
+    tp = y.sum() - np.searchsorted(order[0], cand, side="left")
+    fp = (~y).sum() - np.searchsorted(order[1], cand, side="left")
+    return cand, tp, fp, int(y.sum()), int((~y).sum())
+
+
+def _image_point(rule, cand, j, tp, fp, npos, nneg, score):
+    return {
+        "rule": rule,
+        "decision": "image_score",
+        "threshold": float(cand[j]),
+        "min_area": None,
+        "score": float(score),
+        "tpr": float(tp[j] / npos),
+        "tnr": float(1 - fp[j] / nneg),
+        "chosen_on": "finetune split",
+    }
+
+
+def balanced_optimal(ft_scores, ft_labels) -> dict:
+    """Image-score threshold with the best balanced accuracy on a labelled split (ties: highest)."""
+    sweep = _image_score_sweep(ft_scores, ft_labels)
+    if sweep is None:
+        raise InputError("ft_scores: every image has the same score; no threshold separates any of them")
+    cand, tp, fp, npos, nneg = sweep
+    bal = (tp / npos + 1 - fp / nneg) / 2
+    j = int(len(bal) - 1 - np.argmax(bal[::-1]))
+    return _image_point("balanced", cand, j, tp, fp, npos, nneg, bal[j])
+
+
+def f1_optimal(ft_scores, ft_labels) -> dict:
+    """Image-score threshold with the best F1 on a labelled split (ties: highest threshold).
+
+    The flag-everything threshold is not a candidate: on a mostly defective
+    split it can have the best F1 while telling nothing.
+    """
+    sweep = _image_score_sweep(ft_scores, ft_labels)
+    if sweep is None:
+        raise InputError("ft_scores: every image has the same score; no threshold separates any of them")
+    cand, tp, fp, npos, nneg = sweep
+    f1 = 2 * tp / np.maximum(tp + fp + npos, 1)
+    j = int(len(f1) - 1 - np.argmax(f1[::-1]))
+    return _image_point("f1", cand, j, tp, fp, npos, nneg, f1[j])
+
+
+def normal_fpr(val_scores, target_fpr: float = 0.01) -> dict:
+    """Normal-only rule: the image-score threshold at ``target_fpr`` on validation normals.
+
+    See :func:`threshold_from_fpr`; it lies above the minimum score always and
+    above every validation score when ``target_fpr * N < 1``.
+    """
+    s = np.asarray(val_scores).reshape(-1)
+    return {
+        "rule": "fpr",
+        "decision": "image_score",
+        "threshold": threshold_from_fpr(s, target_fpr),
+        "min_area": None,
+        "target_fpr": float(target_fpr),
+        "score": None,
+        "chosen_on": f"{s.size} validation normals",
+    }
+
+
+def normal_fpr_maps(val_maps, min_area, target_fpr: float = 0.01, **kwargs) -> dict:
+    """Normal-only rule on maps: :func:`threshold_from_fpr_maps` at a fixed ``min_area``."""
+    t = threshold_from_fpr_maps(val_maps, min_area, target_fpr, **kwargs)
+    return {
+        "rule": "fpr",
+        "decision": "segmentation",
+        "threshold": float(t),
+        "min_area": int(min_area),
+        "target_fpr": float(target_fpr),
+        "score": None,
+        "chosen_on": f"{len(np.asarray(val_maps))} validation normals",
+    }
+
+
+def chi2_bound(gaussian: dict, target_fpr: float = 0.01) -> dict:
+    """Gaussian methods: a threshold from the fitted distribution, no images needed.
+
+    ``gaussian`` describes the score under the fitted Gaussian (see
+    ``Detector.gaussian_score_model``): ``dofs``, one degrees-of-freedom count
+    per distance term (a squared Mahalanobis distance in ``d`` dimensions is
+    chi-squared with ``d`` dof for a sample of that Gaussian), and ``combine``,
+    how the (unsquared) distances make the image score: ``"sum"`` (Mahalanobis,
+    one term per level) or ``"max"`` (PaDiM, one term per feature position; the
+    upsampling and blur only average positions, so they cannot raise the maximum).
+
+    Threshold, over the L terms (chi quantiles, the square roots of chi2's):
+
+    - ``max``: the maximum of the (1 - target_fpr / L) quantiles. A normal
+      image exceeds it only if some term exceeds its quantile, so by the union
+      bound its false-positive rate is at most ``target_fpr``, however the
+      positions correlate.
+    - ``sum``: the sum of the (1 - target_fpr) quantiles: the exact quantile of
+      the sum when the levels move together (comonotone), and above it for
+      less dependent near-normal terms (chi with many dof), so the rate stays
+      at or under ``target_fpr`` (a union bound here would be far too high:
+      it flags nothing).
+
+    Real features are not exactly Gaussian and the fit is estimated from few
+    images, so the rate actually seen on normal images can be higher; the
+    normal-only rule measures it instead.
+    """
+    from scipy.stats import chi2
+
+    fpr = _check_fpr(target_fpr)
+    if fpr <= 0:
+        raise InputError("chi2 rule: target_fpr must be > 0")
+    dofs = np.asarray(gaussian.get("dofs", []), dtype=np.float64).reshape(-1)
+    combine = gaussian.get("combine")
+    if dofs.size == 0 or (dofs < 1).any() or combine not in ("sum", "max"):
+        raise InputError(f"chi2 rule: not a Gaussian score model: {gaussian}")
+    if combine == "max":
+        threshold = float(np.sqrt(chi2.isf(fpr / dofs.size, dofs)).max())
+    else:
+        threshold = float(np.sqrt(chi2.isf(fpr, dofs)).sum())
+    return {
+        "rule": "chi2",
+        "decision": "image_score",
+        "threshold": threshold,
+        "min_area": None,
+        "target_fpr": fpr,
+        "score": None,
+        "chosen_on": "fitted Gaussian (chi-squared bound)",
+    }
+
+
+def choose_operating_point(
+    rule: str = "auto",
+    *,
+    val_scores,
+    val_maps=None,
+    ft_scores=None,
+    ft_maps=None,
+    ft_labels=None,
+    map_decisions: bool = False,
+    gaussian=None,
+    target_fpr: float = 0.01,
+    fpr_min_area: int = 25,
+    min_areas=range(5, 1001, 5),
+    dtype: str = "float32",
+    n_thresholds: int = 256,
+    value_range=None,
+):
+    """Apply one rule -> ``(operating point dict, MinAreaThresholdSearch or None)``.
+
+    ``auto``: with a labelled split holding both classes, ``search`` when
+    ``map_decisions`` (the detector's image score summarises its map) else
+    ``balanced``; without one, the normal-only ``fpr`` rule. A labelled rule
+    asked for with no anomalous image falls back to ``fpr`` (never to the
+    minimum score), recorded as ``requested_rule`` and ``fallback``.
+    ``fpr`` thresholds maps (at ``fpr_min_area``) when ``map_decisions`` and
+    ``val_maps`` are given, else image scores.
+    """
+    if rule not in RULES:
+        raise InputError(f"--rule: unknown '{rule}'; choose from {', '.join(RULES)}")
+    y = None if ft_labels is None else np.asarray(ft_labels).reshape(-1)
+    labelled = y is not None and y.size > 0 and bool(y.any()) and not bool(y.all())
+    requested, fallback = rule, None
+    if rule == "auto":
+        rule = ("search" if map_decisions else "balanced") if labelled else "fpr"
+    elif rule == "search" and not map_decisions:
+        raise InputError("--rule search decides on map regions, but this detector's image score is not a "
+                         "summary of its map (or it has no map); use balanced, f1, fpr or chi2")
+    elif rule == "chi2" and gaussian is None:
+        raise InputError("--rule chi2 needs a Gaussian method (mahalanobis, padim)")
+    if rule in ("search", "balanced", "f1") and not labelled:
+        fallback = "no anomalous image to choose on: normal-only rule (target FPR on validation normals)"
+        rule = "fpr"
+    search = None
+    if rule == "search":
+        search = search_min_area_threshold(val_maps, ft_maps, y, min_areas=min_areas, dtype=dtype,
+                                           n_thresholds=n_thresholds, value_range=value_range)
+        op = search.operating_point()
+    elif rule == "balanced":
+        op = balanced_optimal(ft_scores, y)
+    elif rule == "f1":
+        op = f1_optimal(ft_scores, y)
+    elif rule == "chi2":
+        op = chi2_bound(gaussian, target_fpr)
+    elif map_decisions and val_maps is not None:
+        op = normal_fpr_maps(val_maps, fpr_min_area, target_fpr, dtype=dtype, n_thresholds=n_thresholds,
+                             value_range=value_range)
+    else:
+        op = normal_fpr(val_scores, target_fpr)
+    if fallback or requested != rule:
+        op["requested_rule"] = requested
+    if fallback:
+        op["fallback"] = fallback
+    return op, search
+
+
+def describe(op: dict) -> str:
+    """One line saying which rule chose the operating point, and what it is."""
+    what = (f"map >= {op['threshold']:.6g} in a region of >= {op['min_area']} px"
+            if op.get("decision") == "segmentation" else f"image score >= {op['threshold']:.6g}")
+    extra = ""
+    if op.get("target_fpr") is not None:
+        extra += f", target FPR {op['target_fpr']:g}"
+    if op.get("score") is not None:
+        extra += f", {'F1' if op['rule'] == 'f1' else 'balanced accuracy'} {op['score']:.3f} on the {op.get('chosen_on')}"
+    else:
+        extra += f", from the {op.get('chosen_on')}"
+    if op.get("relaxed"):
+        extra += " (relaxed: every validation-safe pair flagged all or none of the finetune split)"
+    line = f"operating point by rule '{op['rule']}': {what}{extra}"
+    if op.get("fallback"):
+        line += f" [asked for '{op['requested_rule']}'; {op['fallback']}]"
+    return line

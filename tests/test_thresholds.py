@@ -187,8 +187,29 @@ def test_search_matches_literal_reference(dtype):
     np.testing.assert_array_equal(res.thresholds, ref[:, 0])
     np.testing.assert_allclose(res.balanced_accuracy, ref[:, 1])
     best = int(np.flatnonzero(ref[:, 1] == ref[:, 1].max())[0])
-    assert (res.min_area, res.score) == (areas[best], ref[best, 1])
+    flagged = T.classify(ft, ref[best, 0], areas[best])[0].sum() if np.isfinite(ref[best, 0]) else 0
+    if 0 < flagged < len(ft):
+        assert not res.relaxed and (res.min_area, res.score) == (areas[best], ref[best, 1])
+    else:  # the validation-safe point flags all or none: chosen on the finetune set alone
+        assert res.relaxed
+        assert (res.min_area, res.threshold, res.score) == _reference_relaxed(ft, y, areas, res.candidates)
+        pred = T.classify(ft, res.threshold, res.min_area)[0]
+        assert 0 < pred.sum() < len(ft)
     assert res.summary()["min_area"] == res.min_area
+
+
+def _reference_relaxed(ft, y, areas, cand):
+    """Literal definition of the relaxed search: best balanced accuracy over non-degenerate pairs."""
+    best = None
+    for a in areas:
+        for t in cand[::-1]:  # highest threshold first wins ties
+            pred = T.classify(ft, t, a)[0]
+            if not 0 < pred.sum() < len(ft):
+                continue
+            bal = (pred[y == 1].mean() + 1 - pred[y == 0].mean()) / 2
+            if best is None or bal > best[2]:
+                best = (int(a), float(t), float(bal))
+    return best
 
 
 def test_search_infinite_threshold_when_nothing_is_safe():
@@ -274,3 +295,133 @@ def test_choose_map_sigma_prefers_the_blur_that_ranks_pixels_best():
     assert best == 0 and table[0] == pytest.approx(1.0)
     # No mask anywhere: no choice.
     assert choose_map_sigma(exact, np.zeros_like(masks1), has, [0, 2]) == (None, {})
+
+
+# -- operating-point rules ---------------------------------------------------------
+def _overlapping_scores(seed=0, n_val=400, n_ft=60):
+    """Normal and anomalous scores that overlap (AUROC ~0.75), as outside bottle; many validation
+    normals, so their maximum lies above nearly every finetune score."""
+    rng = np.random.default_rng(seed)
+    val = rng.normal(0, 1, n_val)
+    y = np.r_[np.zeros(n_ft // 2), np.ones(n_ft // 2)].astype(int)
+    ft = rng.normal(0, 1, n_ft) + 1.0 * y
+    return val, ft, y
+
+
+@pytest.mark.parametrize("rule", ["balanced", "f1"])
+def test_labelled_image_rules_never_flag_all_or_none(rule):
+    val, ft, y = _overlapping_scores()
+    # Today's "lowest threshold flagging no validation image" flags (almost) nothing here.
+    assert (ft >= T.threshold_from_fpr(val, 0.0)).mean() < 0.1
+    op, search = T.choose_operating_point(rule, val_scores=val, ft_scores=ft, ft_labels=y)
+    assert search is None and op["rule"] == rule and op["decision"] == "image_score" and op["min_area"] is None
+    pred, segs = T.decide(op, ft)
+    assert segs is None and 0 < pred.sum() < len(ft)
+    assert op["threshold"] > ft.min()
+    assert op["tpr"] == pytest.approx(pred[y == 1].mean()) and op["tnr"] == pytest.approx(1 - pred[y == 0].mean())
+    # It is the best over every threshold (brute force over the split's own scores).
+    best = 0.0
+    for t in np.unique(ft)[1:]:
+        p = ft >= t
+        tp, fp = (p & (y == 1)).sum(), (p & (y == 0)).sum()
+        value = (tp / 30 + 1 - fp / 30) / 2 if rule == "balanced" else 2 * tp / (tp + fp + 30)
+        best = max(best, value)
+    assert op["score"] == pytest.approx(best)
+    assert op["score"] > (0.5 if rule == "balanced" else 0.0)
+
+
+def test_f1_never_flags_everything_on_a_mostly_defective_split():
+    # Uninformative scores on a 90 % defective split: flagging all has the best F1 (0.947), and is refused.
+    rng = np.random.default_rng(3)
+    ft, y = rng.random(100), (np.arange(100) >= 10).astype(int)
+    op = T.f1_optimal(ft, y)
+    assert 0 < (ft >= op["threshold"]).sum() < 100
+
+
+def test_search_relaxes_when_every_validation_safe_pair_flags_nothing():
+    # Validation hills as high as the defects: every safe threshold is above all finetune maps.
+    val = np.stack([_bump(amp=1.0, size=32, sigma=4.0)] * 3)
+    normal = np.stack([_bump(amp=a, size=32, sigma=4.0) for a in (0.3, 0.4, 0.5)])
+    defect = np.stack([_bump(amp=a, size=32, sigma=4.0) for a in (0.6, 0.7, 0.8)])
+    ft, y = np.concatenate([normal, defect]), np.r_[np.zeros(3), np.ones(3)].astype(int)
+    op, search = T.choose_operating_point("search", val_scores=val.max(axis=(1, 2)), val_maps=val, ft_maps=ft,
+                                          ft_labels=y, map_decisions=True, min_areas=[5, 10])
+    assert search.relaxed and op["relaxed"] and op["rule"] == "search" and op["decision"] == "segmentation"
+    assert (search.tpr == 0).all()  # every validation-safe pair flags nothing
+    pred, seg = T.decide(op, None, ft)
+    assert pred.tolist() == y.astype(bool).tolist() and op["score"] == 1.0
+    assert "relaxed" in T.describe(op)
+
+
+@pytest.mark.parametrize("rule", ["auto", "search", "balanced", "f1", "fpr"])
+def test_no_anomalous_image_falls_back_to_the_normal_only_rule(rule):
+    rng = np.random.default_rng(1)
+    val, ft = rng.random(50), rng.random(10)
+    maps = rng.random((50, 8, 8)).astype(np.float32)
+    for labels in (None, np.zeros(10, int)):
+        op, _ = T.choose_operating_point(rule, val_scores=val, ft_scores=ft, ft_labels=labels,
+                                         map_decisions=rule == "search")  # no val_maps: image scores
+        assert op["rule"] == "fpr" and op["decision"] == "image_score"
+        assert op["threshold"] > val.max() > ft.min()  # never the minimum score: nothing flagged here
+        if rule not in ("auto", "fpr"):
+            assert op["requested_rule"] == rule and "normal-only" in op["fallback"]
+            assert "asked for" in T.describe(op)
+    # With maps that decide, the normal-only rule thresholds the maps at a fixed min_area.
+    op, _ = T.choose_operating_point("auto", val_scores=val, val_maps=maps, map_decisions=True, fpr_min_area=3)
+    assert op["decision"] == "segmentation" and op["min_area"] == 3
+    assert T.decide(op, None, maps)[0].mean() <= 0.01
+
+
+def test_normal_fpr_is_a_quantile_of_validation_scores():
+    s = np.arange(200, dtype=np.float64)
+    op = T.normal_fpr(s, 0.05)
+    assert op["rule"] == "fpr" and op["target_fpr"] == 0.05 and op["chosen_on"] == "200 validation normals"
+    assert (s >= op["threshold"]).mean() == 0.05
+
+
+def test_chi2_bound_holds_on_gaussian_samples():
+    from scipy.stats import chi2
+
+    rng = np.random.default_rng(0)
+    # One level, d = 8: the squared distance of a Gaussian sample is chi2(8).
+    op = T.chi2_bound({"dofs": [8], "combine": "sum"}, 0.05)
+    assert op["rule"] == "chi2" and op["decision"] == "image_score"
+    assert op["threshold"] == pytest.approx(np.sqrt(chi2.ppf(0.95, 8)))
+    d = np.sqrt((rng.standard_normal((20000, 8)) ** 2).sum(axis=1))
+    assert (d >= op["threshold"]).mean() == pytest.approx(0.05, abs=0.006)
+    # Mahalanobis: sum of three levels' distances. Exact when the levels move together ...
+    dofs = [4, 16, 32]
+    op = T.chi2_bound({"dofs": dofs, "combine": "sum"}, 0.05)
+    u = rng.random(20000)
+    together = sum(np.sqrt(chi2.ppf(u, k)) for k in dofs)
+    assert (together >= op["threshold"]).mean() == pytest.approx(0.05, abs=0.006)
+    # ... and under the target, yet not flagging nothing, when they are independent.
+    s = sum(np.sqrt((rng.standard_normal((20000, k)) ** 2).sum(axis=1)) for k in dofs)
+    assert 0 < (s >= op["threshold"]).mean() <= 0.05
+    # PaDiM: maximum over 100 positions.
+    op = T.chi2_bound({"dofs": [10] * 100, "combine": "max"}, 0.1)
+    m = np.sqrt((rng.standard_normal((2000, 100, 10)) ** 2).sum(axis=2)).max(axis=1)
+    assert (m >= op["threshold"]).mean() <= 0.1
+    with pytest.raises(InputError):
+        T.chi2_bound({"dofs": [], "combine": "sum"})
+    with pytest.raises(InputError):
+        T.choose_operating_point("chi2", val_scores=s)  # not a Gaussian method
+
+
+def test_search_rule_refused_for_detectors_deciding_on_the_image_score():
+    val, ft, y = _blob_sets()
+    with pytest.raises(InputError, match="not a summary"):
+        T.choose_operating_point("search", val_scores=np.zeros(3), val_maps=val, ft_scores=np.zeros(6),
+                                 ft_maps=ft, ft_labels=y, map_decisions=False)
+    op, _ = T.choose_operating_point("auto", val_scores=val.max(axis=(1, 2)), val_maps=val,
+                                     ft_scores=ft.max(axis=(1, 2)), ft_maps=ft, ft_labels=y, map_decisions=False)
+    assert op["rule"] == "balanced" and op["decision"] == "image_score"
+    with pytest.raises(InputError, match="--rule"):
+        T.choose_operating_point("nonsense", val_scores=np.zeros(3))
+
+
+def test_choose_score_reduction():
+    y = np.array([0, 0, 1, 1])
+    best, table = T.choose_score_reduction({"max": [0.1, 0.5, 0.4, 0.6], "mean": [0.1, 0.2, 0.3, 0.4]}, y)
+    assert best == "mean" and table["mean"] == 1.0 and table["max"] == 0.75
+    assert T.choose_score_reduction({"max": [1, 2]}, [0, 0]) == (None, {})

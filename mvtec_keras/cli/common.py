@@ -14,6 +14,24 @@ from ..errors import EXIT_BAD_INPUT, InputError
 INFO_FILE = "info.json"
 
 
+def check_range(value, flag: str, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """Refuse a numeric flag outside ``[low, high]`` (``(`` / ``)`` with ``low_open`` / ``high_open``)
+    with one line naming the flag; None (flag not given) passes. Returns the value."""
+    if value is None:
+        return value
+    bad = value != value  # NaN
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise InputError(f"{flag} must be in {interval}, got {value}")
+    return value
+
+
 def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")

@@ -3,7 +3,9 @@
 The same for every detector family: image AUROC from the image scores, pixel
 AUROC and AUPRO from the anomaly maps (images with a ground-truth mask, plus
 good images), and TPR / TNR / balanced accuracy at the operating point chosen
-by finetune.py. Images of the finetune split are left out.
+by finetune.py (finetune.json). Images of the finetune split are left out.
+A run without finetune.json gets its operating point from its validation
+normals by the normal-only rule (see :func:`mvtec_keras.operating_point.operating_point_for_run`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import staged_dir, write_json
 from .common import category_from_info, model_dir_from_arg, run_main
-from ..operating_point import configure_detector, load_operating_point
+from ..operating_point import DEFAULT_TARGET_FPR, operating_point_for_run
 from .finetune import load_for_scoring
 
 
@@ -35,18 +37,24 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from .. import metrics, reports, thresholds
     from ..data import Preprocessing, make_dataset
+    from .common import check_range
 
+    check_range(args.max_overlays, "--max-overlays", 0)
+    check_range(args.batch_size, "-b/--batch-size", 1)
     model_dir = model_dir_from_arg(args.path)
-    ft = load_operating_point(model_dir)
     det, info = load_for_scoring(model_dir)
-    configure_detector(det, ft)
+    verbose = not args.quiet
+    ft = operating_point_for_run(model_dir, det, args.batch_size, progress=verbose)
+    if "source" in ft and verbose:
+        print(f"no finetune.json: operating point from the validation normals by the normal-only rule "
+              f"(image score >= {ft['threshold']:.6g}, target FPR {DEFAULT_TARGET_FPR:g}); "
+              "run finetune.py to choose one on labelled images")
     prep = Preprocessing.from_dict(info["preprocessing"])
     cat = category_from_info(info)
-    excluded = set(ft.get("finetune_files", [])) if ft else set()
+    excluded = set(ft.get("finetune_files", []))
     test = [s for s in cat.test if s.path not in excluded]
     if not test:
         raise InputError(f"empty split: no test images left for {cat.root} after removing the finetune split")
-    verbose = not args.quiet
     res = det.score(make_dataset(test, prep, args.batch_size), keep_images=args.max_overlays > 0, progress=verbose)
     labels = res.labels.astype(int)
 
@@ -63,29 +71,25 @@ def main(argv=None) -> None:
     else:
         out["pixel_auroc"] = out["aupro"] = None
 
-    segs = None
-    if ft is not None:
-        pred, segs = thresholds.decide(ft, res.scores, res.maps)
-        out.update(metrics.threshold_metrics(labels, pred))
-        out["min_area"], out["threshold"] = ft.get("min_area"), ft["threshold"]
-        if "map_sigma" in ft:
-            out["map_sigma"] = ft["map_sigma"]
-        out["finetune_mode"] = ft.get("mode")
-    else:
-        pred = None
-        out.update(tpr=None, tnr=None, balanced_accuracy=None, min_area=None, threshold=None)
-        if verbose:
-            print("no finetune.json: threshold metrics skipped (run finetune.py first)")
+    pred, segs = thresholds.decide(ft, res.scores, res.maps)
+    out.update(metrics.threshold_metrics(labels, pred))
+    out["min_area"], out["threshold"] = ft.get("min_area"), ft["threshold"]
+    out["decision"], out["rule"] = ft.get("decision"), ft.get("rule")
+    for key in ("map_sigma", "score_reduction"):
+        if key in ft:
+            out[key] = ft[key]
+    out["finetune_mode"] = ft.get("mode")
+    out["operating_point_source"] = ft.get("source", "finetune.json")
 
     with staged_dir(os.path.join(model_dir, "test")) as tmp:
         write_json(os.path.join(tmp, "test_result.json"), out)
         reports.write_predictions_csv(
             os.path.join(tmp, "predictions.csv"), res.paths, res.defect_types, res.scores,
-            pred if pred is not None else [None] * len(test), labels,
+            pred, labels,
         )
         reports.plot_roc(labels, res.scores, os.path.join(tmp, "roc_curve.png"))
         reports.plot_score_histogram(res.scores, labels, os.path.join(tmp, "score_histogram.png"),
-                                     threshold=(ft["threshold"] if ft and ft.get("decision") == "image_score" else None),
+                                     threshold=(ft["threshold"] if ft.get("decision") == "image_score" else None),
                                      defect_types=res.defect_types)
         if res.maps is not None and out.get("pixel_auroc") is not None:
             reports.plot_pixel_roc(res.masks[has_mask], res.maps[has_mask], os.path.join(tmp, "pixel_roc_curve.png"))

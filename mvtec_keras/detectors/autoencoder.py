@@ -17,10 +17,12 @@ import tensorflow as tf
 from .. import residuals
 from ..errors import InputError
 from ..training import fresh_workdir, lr_range_test, standard_callbacks
-from .base import Detector, register_detector
+from .base import Detector, read_json_state, reading_state, register_detector
 
 MODEL_FILE = "model.keras"
 PRECISIONS = ("float32", "mixed_bfloat16")
+#: image-score reductions of the (blurred) residual map that finetune.py chooses from
+SCORE_REDUCTIONS = ("max", "mean", "topk")
 
 
 def fast_precision() -> str:
@@ -193,6 +195,12 @@ class AutoencoderDetector(Detector):
             maps = residuals.gaussian_blur(maps, self.map_sigma)
         return residuals.image_scores(smoothed, reduction=self.score_reduction), maps
 
+    def scores_from_maps(self, raw_maps, reduction=None):
+        """Image scores from raw (unblurred) residual maps, as ``scoring_graph`` makes them,
+        with another ``reduction`` if given: lets finetune.py compare reductions without rescoring."""
+        smoothed = residuals.gaussian_blur(raw_maps, self.score_sigma) if self.score_sigma else raw_maps
+        return np.asarray(residuals.image_scores(smoothed, reduction=reduction or self.score_reduction))
+
     def score_batch(self, images):
         # One traced graph for the whole scoring path (eager residual maps cost about 2x);
         # retraced only when the residual settings change (finetune.py -m).
@@ -227,9 +235,9 @@ class AutoencoderDetector(Detector):
         path = os.path.join(dirpath, MODEL_FILE)
         if not os.path.isfile(path):
             raise InputError(f"model file not found: {path}")
-        self.model_ = keras.saving.load_model(path, compile=False)
-        meta_path = os.path.join(dirpath, "training.json")
-        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        with reading_state(path):
+            self.model_ = keras.saving.load_model(path, compile=False)
+        meta = read_json_state(os.path.join(dirpath, "training.json"), default={})
         self.history_ = meta.get("history", {})
         self.learning_rate_ = meta.get("learning_rate")
         self.epochs_trained_ = meta.get("epochs_trained")

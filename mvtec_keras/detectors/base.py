@@ -19,6 +19,7 @@ backbone-specific normalisation happens inside the detector.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -84,6 +85,14 @@ class Detector:
     name = "detector"
     #: whether ``score_batch`` returns anomaly maps
     has_maps = True
+    #: whether the image score is a summary (max, mean, ...) of the anomaly map; when False
+    #: (GAN latent distances, Mahalanobis) decisions use the image score, never map regions
+    score_is_map_summary = True
+
+    def gaussian_score_model(self):
+        """For Gaussian methods, how the image score follows from the fitted distribution
+        (see :func:`mvtec_keras.thresholds.chi2_bound`); None for every other detector."""
+        return None
 
     # -- configuration -------------------------------------------------------
     def get_config(self) -> dict:
@@ -188,16 +197,43 @@ class Detector:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def reading_state(path: str):
+    """Reading saved state from ``path``: a damaged file (truncated .npz / .h5 / .keras, bad JSON)
+    becomes one InputError naming it, instead of a traceback from deep inside NumPy, h5py or Keras."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # BadZipFile, OSError, EOFError, KeyError, ValueError, JSONDecodeError, ...
+        msg = " ".join(str(e).split())[:200]
+        raise InputError(f"damaged or unreadable saved state: {path} ({type(e).__name__}: {msg})") from None
+
+
+def read_json_state(path: str, default=None):
+    """A JSON file of saved state (``default`` when absent), see :func:`reading_state`."""
+    if default is not None and not os.path.isfile(path):
+        return default
+    with reading_state(path), open(path) as f:
+        return json.load(f)
+
+
 def load_detector(dirpath: str) -> Detector:
-    """Load any detector saved with :meth:`Detector.save`."""
+    """Load any detector saved with :meth:`Detector.save`.
+
+    Damaged saved state raises :class:`InputError` naming the file.
+    """
     meta_path = os.path.join(dirpath, DETECTOR_FILE)
     if not os.path.isfile(meta_path):
         raise InputError(f"{meta_path}: no saved detector here (missing {DETECTOR_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    cls = detector_class(meta["class"])
-    det = cls.from_config(meta["config"])
-    det._load_state(dirpath)
+    meta = read_json_state(meta_path)
+    with reading_state(meta_path):
+        cls = detector_class(meta["class"])
+        det = cls.from_config(meta["config"])
+    # Every state file is read under reading_state at its own load site; this names the
+    # folder for anything a detector reads without it.
+    with reading_state(dirpath):
+        det._load_state(dirpath)
     return det
 
 
@@ -207,7 +243,9 @@ def save_arrays(path: str, **arrays) -> None:
 
 
 def load_arrays(path: str) -> dict:
-    with np.load(path, allow_pickle=False) as z:
+    if not os.path.isfile(path):
+        raise InputError(f"saved state missing: {path}")
+    with reading_state(path), np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 

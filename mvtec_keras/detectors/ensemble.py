@@ -53,6 +53,10 @@ class SeedEnsemble(Detector):
     def has_maps(self):
         return detector_class(self.detector).has_maps
 
+    @property
+    def score_is_map_summary(self):
+        return detector_class(self.detector).score_is_map_summary
+
     def _member_class(self):
         cls = detector_class(self.detector)
         if cls is SeedEnsemble:

@@ -22,7 +22,7 @@ from keras import ops
 from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
-from .base import _iterate_batches
+from .base import _iterate_batches, reading_state
 
 EXTRACTOR_WEIGHTS = "extractor.weights.h5"
 EXTRACTOR_MODEL = "extractor.keras"
@@ -72,7 +72,8 @@ class BackboneMixin:
     def _load_extractor(self, dirpath: str) -> None:
         full = os.path.join(dirpath, EXTRACTOR_MODEL)
         if os.path.isfile(full):
-            self._extractor = keras.saving.load_model(full, compile=False)
+            with reading_state(full):
+                self._extractor = keras.saving.load_model(full, compile=False)
             return
         path = os.path.join(dirpath, EXTRACTOR_WEIGHTS)
         if not os.path.isfile(path):
@@ -83,7 +84,8 @@ class BackboneMixin:
         self._extractor = build_feature_extractor(
             self.backbone, weights=None, levels=tuple(self._needed_levels()), input_size=self.input_size
         )
-        self._extractor.load_weights(path)
+        with reading_state(path):
+            self._extractor.load_weights(path)
 
     def _features(self, images, levels) -> list:
         """Run the extractor; returns the requested levels as a list of tensors."""

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from ..errors import InputError
 from ..models import gans
-from .base import Detector, register_detector
+from .base import Detector, read_json_state, reading_state, register_detector
 
 WEIGHTS_FILE = "model.weights.h5"
 HISTORY_FILE = "history.json"
@@ -33,6 +33,9 @@ class _KerasModelDetector(Detector):
     options: tuple = ()
     #: validation metric that ``selection="best_val"`` minimises (None: unsupported)
     monitor: str | None = "val_rec"
+    #: the map is the reconstruction residual, shown for localisation; the score is the model's own
+    #: (latent distance, discriminator features, ...), so decisions are made on the score
+    score_is_map_summary = False
 
     def __init__(self, image_size=64, channels=3, latent_dim=100, epochs=15, steps_per_epoch=None,
                  batch_size=32, learning_rate=2e-4, seed=0, selection="last", **model_options):
@@ -163,10 +166,12 @@ class _KerasModelDetector(Detector):
         model = self._build_model()
         try:
             model.load_weights(path)
-        except (ValueError, OSError) as e:
+        except ValueError as e:
             raise InputError(f"{path}: weights do not match this detector's config ({e})") from None
-        hist = os.path.join(dirpath, HISTORY_FILE)
-        self.history_ = json.load(open(hist)) if os.path.isfile(hist) else {}
+        except Exception as e:  # a truncated or otherwise damaged .h5
+            with reading_state(path):
+                raise e
+        self.history_ = read_json_state(os.path.join(dirpath, HISTORY_FILE), default={})
         self.model_ = model
         self._score_fn = None
 

@@ -29,6 +29,7 @@ class MahalanobisDetector(BackboneMixin, Detector):
     """Image-level detector; ``has_maps`` is False."""
 
     has_maps = False
+    score_is_map_summary = False
 
     def __init__(
         self,
@@ -87,6 +88,11 @@ class MahalanobisDetector(BackboneMixin, Detector):
 
     def score_batch(self, images):
         return ops.sum(self.score_levels(images), axis=1), None
+
+    def gaussian_score_model(self):
+        # Score = sum over levels of sqrt(d2); d2 ~ chi2(components kept) under each level's Gaussian.
+        self._check_fitted()
+        return {"dofs": [int(k) for k in self.n_components_], "combine": "sum"}
 
     # -- persistence -----------------------------------------------------------
     def _save_state(self, dirpath: str) -> None:

@@ -120,6 +120,12 @@ class PadimDetector(BackboneMixin, Detector):
         maps = upsample_blur(self.distance_map(x), tuple(x.shape[1:3]), self.sigma)
         return ops.max(maps, axis=(1, 2)), maps
 
+    def gaussian_score_model(self):
+        # Score = max over positions of the (upsampled, blurred) distance; d2 ~ chi2(d) per position.
+        self._check_fitted()
+        positions, d = self.mean_.shape
+        return {"dofs": [int(d)] * int(positions), "combine": "max"}
+
     # -- persistence -----------------------------------------------------------
     def _save_state(self, dirpath: str) -> None:
         save_arrays(

@@ -25,6 +25,8 @@ STATE_FILE = "spade_state.npz"
 @register_detector("spade")
 class SpadeDetector(BackboneMixin, Detector):
     has_maps = True
+    #: the image score is the k-NN distance of global features, not a summary of the map
+    score_is_map_summary = False
 
     def __init__(
         self,
