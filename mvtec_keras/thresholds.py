@@ -688,7 +688,7 @@ def choose_operating_point(
                              value_range=value_range)
     else:
         op = normal_fpr(val_scores, target_fpr)
-    if fallback or requested != rule:
+    if fallback or requested not in ("auto", rule):
         op["requested_rule"] = requested
     if fallback:
         op["fallback"] = fallback

@@ -13,6 +13,13 @@ from ..errors import EXIT_BAD_INPUT, InputError
 
 INFO_FILE = "info.json"
 
+#: Smoke-test knob (for tests that run documented commands, e.g. tests/test_readme.py): when this
+#: environment variable is set, train.py and extract.py cap training at SMOKE_EPOCHS epochs and images
+#: at SMOKE_SIZE pixels, and say so. The results are then meaningless; never set it for real work.
+SMOKE_ENV = "MVTEC_KERAS_SMOKE_TEST"
+SMOKE_EPOCHS = 1
+SMOKE_SIZE = 64
+
 
 def check_range(value, flag: str, low=None, high=None, low_open: bool = False, high_open: bool = False):
     """Refuse a numeric flag outside ``[low, high]`` (``(`` / ``)`` with ``low_open`` / ``high_open``)
@@ -30,6 +37,25 @@ def check_range(value, flag: str, low=None, high=None, low_open: bool = False, h
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
         raise InputError(f"{flag} must be in {interval}, got {value}")
     return value
+
+
+def apply_smoke_caps(args, native_size=None) -> bool:
+    """Honour :data:`SMOKE_ENV`: cap ``args.epochs`` and ``args.size`` (``args.crop`` scaled with it).
+
+    ``native_size`` is the size used when ``--size`` is not given. Returns whether the caps apply.
+    """
+    if not os.environ.get(SMOKE_ENV):
+        return False
+    if getattr(args, "epochs", None) is not None:
+        args.epochs = min(args.epochs, SMOKE_EPOCHS)
+    if hasattr(args, "size"):
+        old = args.size or native_size
+        args.size = SMOKE_SIZE if old is None else min(old, SMOKE_SIZE)
+        if getattr(args, "crop", None) and old:
+            args.crop = min(args.size, max(8, round(args.crop * args.size / old)))
+    print(f"{SMOKE_ENV} is set (smoke test): epochs <= {SMOKE_EPOCHS}, image size <= {SMOKE_SIZE}; "
+          "results are not meaningful")
+    return True
 
 
 def quiet_tensorflow() -> None:
@@ -111,6 +137,12 @@ def add_data_args(parser) -> None:
     g.add_argument("--masks", help="folder mode: folder of masks (<stem>_mask.png or <stem>.png)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train/good (default 0.1)")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, shuffling and initialisation")
+
+
+def check_data_args(args) -> None:
+    """Range checks of the flags :func:`add_data_args` adds."""
+    check_range(args.val_fraction, "--val-fraction", 0, 1, high_open=True)
+    check_range(args.seed, "--seed", 0, 2**32 - 1)
 
 
 def resolve_category(data: Optional[str], abnormal=None, masks=None, seed: int = 0):

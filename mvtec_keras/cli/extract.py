@@ -10,7 +10,7 @@ import time
 
 from ..errors import InputError
 from ..fileio import write_json
-from .common import add_data_args, data_info, output_dir, resolve_category, run_main
+from .common import add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir, resolve_category, run_main
 
 FEATURE_METHODS = ("mahalanobis", "spade", "padim", "patchcore")
 
@@ -53,11 +53,16 @@ def main(argv=None) -> None:
     from ..detectors import detector_class
     from ..features.extractor import BACKBONES
 
+    check_data_args(args)
+    check_range(args.size, "--size", 8)
+    check_range(args.crop, "--crop", 1, args.size)
+    check_range(args.batch_size, "--batch-size", 1)
     method = args.method.lower()
     if method not in FEATURE_METHODS:
         raise InputError(f"-m/--method: unknown '{args.method}'; choose from {', '.join(FEATURE_METHODS)}")
     if args.backbone not in BACKBONES:
         raise InputError(f"-b/--backbone: unknown '{args.backbone}'; choose from {', '.join(BACKBONES)}")
+    apply_smoke_caps(args, native_size=BACKBONES[args.backbone])
     weights = None if args.weights.lower() == "none" else args.weights
     if weights not in (None, "imagenet") and not weights.startswith("noisy-student") and not os.path.isfile(weights):
         raise InputError(f"-w/--weights: weights file not found: {weights}")

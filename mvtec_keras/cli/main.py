@@ -23,6 +23,9 @@ def _demo(argv):
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = p.parse_args(argv)
     from ..data.demo import build_demo, describe_demo
+    from .common import check_range
+
+    check_range(args.seed, "--seed", 0, 2**32 - 1)
 
     root = build_demo(seed=args.seed, force=args.force)
     print(describe_demo(root))
@@ -44,6 +47,10 @@ def _run(argv):
     p.add_argument("--out", default=os.path.join("runs", "main-job"))
     args = p.parse_args(argv)
     from . import finetune, test, train
+    from .common import check_range
+
+    check_range(args.epochs, "--epochs", 1)
+    check_range(args.size, "--size", 8)
 
     train_args = ["-a", args.architecture, "-l", args.loss, "-c", args.color, "--epochs", str(args.epochs),
                   "--precision", args.precision, "--out", args.out]

@@ -9,7 +9,7 @@ import time
 
 from ..errors import InputError
 from ..fileio import write_json
-from .common import add_data_args, data_info, output_dir, resolve_category, run_main
+from .common import add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir, resolve_category, run_main
 
 AE_ARCHITECTURES = ("mvtecCAE", "baselineCAE", "inceptionCAE", "resnetCAE", "skipCAE")
 GAN_ARCHITECTURES = ("ganomaly", "efficientgan", "anogan", "dense_ae")
@@ -101,9 +101,23 @@ def make_detector(args, prep):
 
 def _float(v, flag):
     try:
-        return float(v)
+        value = float(v)
     except ValueError:
         raise InputError(f"{flag} must be a number or 'auto', got '{v}'") from None
+    return check_range(value, flag, 0, low_open=True)
+
+
+def check_args(args) -> None:
+    """Every numeric flag's range, before anything is built or written."""
+    check_data_args(args)
+    check_range(args.batch_size, "-b/--batch-size", 1)
+    check_range(args.epochs, "--epochs", 1)
+    check_range(args.size, "--size", 8)
+    check_range(args.patience, "--patience", 0)
+    check_range(args.rotation, "--rotation", 0, 180)
+    check_range(args.members, "--members", 1)
+    if args.lr != "auto":
+        _float(args.lr, "--lr")
 
 
 def main(argv=None) -> None:
@@ -111,10 +125,8 @@ def main(argv=None) -> None:
     from ..data import Augmentation, Preprocessing, make_dataset, split_validation
 
     arch = _canonical_arch(args.architecture)
-    if args.batch_size < 1:
-        raise InputError(f"-b/--batch-size must be at least 1, got {args.batch_size}")
-    if args.epochs < 1:
-        raise InputError(f"--epochs must be at least 1, got {args.epochs}")
+    check_args(args)
+    apply_smoke_caps(args)
     if args.members < 1 or (args.members > 1 and arch in AE_ARCHITECTURES):
         raise InputError(f"--members must be 1 for autoencoders and at least 1 for GANs, got {args.members}")
     size = args.size or (256 if arch in AE_ARCHITECTURES else 64)

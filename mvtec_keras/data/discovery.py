@@ -28,8 +28,9 @@ from ..errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
-# PIL modes we accept: 8-bit grey or colour, optionally with alpha or a palette.
-_ACCEPTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
+# PIL modes we accept: 8-bit grey or colour, optionally with alpha or a palette; 16-bit grey
+# ("I;16*"; Pillow may open a 16-bit grey PNG as "I", so that is accepted for PNG only).
+_ACCEPTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,8 @@ def _check_image(path, Image, UnidentifiedImageError, what="image"):
             im.verify()  # PNG: checks every chunk's CRC, catching truncated files
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"unreadable or corrupt {what}: {path} ({e})") from None
-    if mode not in _ACCEPTED_MODES:
-        raise InputError(f"unsupported pixel format '{mode}' (8-bit grey or RGB expected): {path}")
+    if mode not in _ACCEPTED_MODES and not (mode == "I" and path.lower().endswith(".png")):
+        raise InputError(f"unsupported pixel format '{mode}' (8- or 16-bit grey, or 8-bit RGB expected): {path}")
     return size
 
 

@@ -81,8 +81,18 @@ class Augmentation:
         return asdict(self)
 
 
+def _pil_to_unit_float(im) -> np.ndarray:
+    """A Pillow image -> float32 [H, W, c] in [0, 1], scaled by its bit depth (8 or 16)."""
+    if im.mode.startswith("I;16"):
+        arr = np.asarray(im).astype(np.float32) / 65535.0
+    else:
+        arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im).astype(np.float32) / 255.0
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
 def _decode_any(contents: tf.Tensor, is_tiff: tf.Tensor) -> tf.Tensor:
-    """Bytes -> uint8 [H, W, c] with c in 1..4; TIFF goes through Pillow (TF has no TIFF decoder)."""
+    """Bytes -> float32 [H, W, c] in [0, 1] with c in 1..4, scaled by bit depth (8- and 16-bit PNG /
+    TIFF alike); TIFF goes through Pillow (TF has no TIFF decoder)."""
 
     def tiff():
         def _pil(b):
@@ -91,14 +101,13 @@ def _decode_any(contents: tf.Tensor, is_tiff: tf.Tensor) -> tf.Tensor:
             from PIL import Image
 
             with Image.open(io.BytesIO(b)) as im:
-                arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
-            return arr if arr.ndim == 3 else arr[..., None]
+                return _pil_to_unit_float(im)
 
-        img = tf.numpy_function(_pil, [contents], tf.uint8)
-        return img
+        return tf.numpy_function(_pil, [contents], tf.float32)
 
     def native():
-        return tf.io.decode_image(contents, channels=0, expand_animations=False, dtype=tf.uint8)
+        # float32 output: decode_image scales uint8 by 1/255 and 16-bit PNG by 1/65535.
+        return tf.io.decode_image(contents, channels=0, expand_animations=False, dtype=tf.float32)
 
     img = tf.cond(is_tiff, tiff, native)
     img.set_shape([None, None, None])
@@ -106,7 +115,7 @@ def _decode_any(contents: tf.Tensor, is_tiff: tf.Tensor) -> tf.Tensor:
 
 
 def _to_channels(img: tf.Tensor, channels: int) -> tf.Tensor:
-    """uint8 [H, W, c] (c = 1..4) -> float32 [H, W, channels] in [0, 1].
+    """[H, W, c] (c = 1..4, float32 in [0, 1] or an integer dtype) -> float32 [H, W, channels] in [0, 1].
 
     RGB -> grayscale uses ITU-R BT.601 luminance (tf.image.rgb_to_grayscale);
     grayscale -> RGB repeats the channel; alpha is dropped.
