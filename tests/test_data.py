@@ -174,9 +174,9 @@ def test_mask_of_wrong_size_is_named(tmp_path):
 
 
 def test_unsupported_pixel_format(tmp_path):
-    p = tmp_path / "n" / "a.png"
+    p = tmp_path / "n" / "a.tif"
     os.makedirs(p.parent)
-    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(p)  # 16-bit grey
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(p)  # 32-bit float grey (16-bit grey is read)
     with pytest.raises(InputError, match="pixel format"):
         make_dataset(discover_folder(str(p.parent)).train, Preprocessing(size=8))
 
