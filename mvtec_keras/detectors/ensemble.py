@@ -91,6 +91,23 @@ class SeedEnsemble(Detector):
         self.epochs_trained_ = len(next(iter(self.history_.values()), []))
         self._score_fn = None
 
+    @classmethod
+    def from_members(cls, members, normals, calibration_images=2000) -> "SeedEnsemble":
+        """An ensemble of already fitted detectors of one class (e.g. seeds trained for a benchmark),
+        calibrated on ``normals`` (normal images, never test images); the config records the first
+        member's config and the member count."""
+        if not members or len({m.name for m in members}) != 1:
+            raise InputError("ensemble: from_members needs fitted detectors of one class")
+        ens = cls(detector=members[0].name, config=members[0].get_config(), members=len(members),
+                  calibration_images=calibration_images)
+        ens._member_class()
+        ens.center_, ens.scale_ = ens._normal_score_stats(members, normals)
+        ens.members_ = list(members)
+        ens.history_ = _joined_history(members)
+        ens.epochs_trained_ = len(next(iter(ens.history_.values()), []))
+        ens._score_fn = None
+        return ens
+
     def _normal_score_stats(self, members, data):
         """Per-member mean and std of the scores of the same (up to ``calibration_images``) normal images,
         read in one pass over ``data``."""

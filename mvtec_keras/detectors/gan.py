@@ -10,6 +10,7 @@ validation normals.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -178,17 +179,19 @@ class _KerasModelDetector(Detector):
 
 @register_detector("ganomaly")
 class GANomalyDetector(_KerasModelDetector):
-    """GANomaly; score = mean squared latent distance (see :class:`gans.GANomaly`)."""
+    """GANomaly; score = mean squared latent distance (see :class:`gans.GANomaly`, which also
+    documents the reference-fidelity options ``adversarial``, ``tanh_output``, ``reinit_d_below``)."""
 
     model_class = gans.GANomaly
-    options = ("filters", "w_adv", "w_con", "w_enc")
+    options = ("filters", "w_adv", "w_con", "w_enc", "adversarial", "tanh_output", "reinit_d_below")
     monitor = "val_con"
 
     def __init__(self, image_size=64, channels=3, latent_dim=100, filters=32, w_adv=1.0, w_con=50.0,
-                 w_enc=1.0, epochs=15, steps_per_epoch=None, batch_size=32, learning_rate=2e-4, seed=0,
-                 selection="last"):
+                 w_enc=1.0, adversarial="feature_matching", tanh_output=False, reinit_d_below=None, epochs=15,
+                 steps_per_epoch=None, batch_size=32, learning_rate=2e-4, seed=0, selection="last"):
         super().__init__(image_size, channels, latent_dim, epochs, steps_per_epoch, batch_size,
-                         learning_rate, seed, selection, filters=filters, w_adv=w_adv, w_con=w_con, w_enc=w_enc)
+                         learning_rate, seed, selection, filters=filters, w_adv=w_adv, w_con=w_con, w_enc=w_enc,
+                         adversarial=adversarial, tanh_output=tanh_output, reinit_d_below=reinit_d_below)
 
 
 @register_detector("efficientgan")
@@ -243,6 +246,26 @@ class DenseAEDetector(_KerasModelDetector):
 
     def _compile(self, model):
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate))
+
+
+def score_reference_leaky(detector, images, batch_size: int = 64) -> np.ndarray:
+    """Image scores of a fitted GAN detector under the *reference GANomaly's* evaluation.
+
+    BatchNorm runs in training mode, normalising each batch of ``batch_size``
+    consecutive images (in the order given) by that batch's own statistics,
+    as the reference does because it never calls ``eval()``. This leaks: on a
+    test set ordered normals-then-abnormals the batch statistics carry the
+    label. It exists only to reproduce the reference's published figures next
+    to the honest ones (bench/cifar10.py); ``score`` / ``score_batch`` never use it.
+    """
+    detector._check_fitted()
+    model = detector.model_
+    if "batchnorm" not in inspect.signature(model.anomaly_score).parameters:
+        raise InputError(f"{detector.name}: its model has no BatchNorm scoring mode")
+    x = _as_images(images, (detector.image_size, detector.image_size, detector.channels))
+    out = [np.asarray(model.anomaly_score(x[i:i + batch_size], batchnorm="reference_leaky")[0], np.float32)
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class _KeepBest(keras.callbacks.Callback):

@@ -59,8 +59,8 @@ def conv_encoder(image_size, channels, latent_dim, filters, name):
     return keras.Model(x_in, z, name=name)
 
 
-def conv_decoder(image_size, channels, latent_dim, filters, name):
-    """Latent vector -> image in [0, 1]."""
+def conv_decoder(image_size, channels, latent_dim, filters, name, activation="sigmoid"):
+    """Latent vector -> image in [0, 1] (``activation="tanh"``: in [-1, 1])."""
     base, n = base_grid(image_size)
     z_in = keras.Input((latent_dim,))
     h = layers.Dense(base * base * _filters(filters, n - 1), use_bias=False)(z_in)
@@ -69,7 +69,7 @@ def conv_decoder(image_size, channels, latent_dim, filters, name):
     for i in reversed(range(n - 1)):
         h = layers.Conv2DTranspose(_filters(filters, i), 4, strides=2, padding="same", use_bias=False)(h)
         h = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(h))
-    x_out = layers.Conv2DTranspose(channels, 4, strides=2, padding="same", activation="sigmoid")(h)
+    x_out = layers.Conv2DTranspose(channels, 4, strides=2, padding="same", activation=activation)(h)
     return keras.Model(z_in, x_out, name=name)
 
 
@@ -181,39 +181,87 @@ class GANomaly(_TwoPlayerModel):
     The anomaly score is the latent distance mean((GE(x) - E2(GD(GE(x))))^2),
     the mean squared form of the paper's encoder loss. It is not min-max
     normalised over the test set as in the paper (that would use test statistics).
+
+    Options that follow the reference implementation more closely (defaults
+    unchanged until a measurement shows a win, see docs/bench_cifar10.md);
+    ``filters=64`` is the reference's ngf/ndf:
+
+    - ``adversarial="bce"``: L_adv = BCE(D(x_hat), real) as in the reference
+      code, instead of the paper's feature matching (``"feature_matching"``);
+    - ``tanh_output=True``: the nets see images mapped to [-1, 1] and the
+      decoder ends in tanh (the reference normalises with mean = std = 0.5);
+      L_con is then measured in [-1, 1], and ``call`` / ``anomaly_score`` still
+      return x_hat in [0, 1];
+    - ``reinit_d_below=1e-5``: after a step whose d_loss falls below this, the
+      discriminator's weights are drawn again (the reference's ``reinit_d``:
+      kernels N(0, 0.02), BatchNorm gamma N(1, 0.02), biases and beta 0; its
+      optimiser state is kept, as in the reference); ``d_reinits`` counts them.
     """
 
     tracked = ("d_loss", "g_loss", "adv", "con", "enc")
+    ADVERSARIAL = ("feature_matching", "bce")
 
     def __init__(self, image_size=32, channels=1, latent_dim=100, filters=32,
-                 w_adv=1.0, w_con=50.0, w_enc=1.0, **kwargs):
+                 w_adv=1.0, w_con=50.0, w_enc=1.0, adversarial="feature_matching", tanh_output=False,
+                 reinit_d_below=None, **kwargs):
+        if adversarial not in self.ADVERSARIAL:
+            raise ValueError(f"adversarial={adversarial!r}: choose from {', '.join(self.ADVERSARIAL)}")
+        if reinit_d_below is not None and not float(reinit_d_below) > 0:
+            raise ValueError(f"reinit_d_below={reinit_d_below!r}: must be a positive loss value or None")
         super().__init__(image_size, channels, latent_dim, filters, **kwargs)
         self.w_adv, self.w_con, self.w_enc = float(w_adv), float(w_con), float(w_enc)
+        self.adversarial = adversarial
+        self.tanh_output = bool(tanh_output)
+        self.reinit_d_below = None if reinit_d_below is None else float(reinit_d_below)
         args = (self.image_size, self.channels)
         self.encoder1 = conv_encoder(*args, self.latent_dim, self.filters, "ge")
-        self.decoder = conv_decoder(*args, self.latent_dim, self.filters, "gd")
+        self.decoder = conv_decoder(*args, self.latent_dim, self.filters, "gd",
+                                    activation="tanh" if self.tanh_output else "sigmoid")
         self.encoder2 = conv_encoder(*args, self.latent_dim, self.filters, "e2")
         self.discriminator = image_discriminator(*args, self.filters, "d")
+        if self.reinit_d_below is not None:
+            # A counter (also the seed of each fresh draw); not a weight, so checkpoints stay compatible.
+            self.d_reinits = tf.Variable(0, dtype=tf.int64, trainable=False, name="d_reinits")
 
     def get_config(self):
-        return {**super().get_config(), "w_adv": self.w_adv, "w_con": self.w_con, "w_enc": self.w_enc}
+        return {**super().get_config(), "w_adv": self.w_adv, "w_con": self.w_con, "w_enc": self.w_enc,
+                "adversarial": self.adversarial, "tanh_output": self.tanh_output,
+                "reinit_d_below": self.reinit_d_below}
 
-    def call(self, x, training=False):
+    def _to_model(self, x):
+        return 2.0 * x - 1.0 if self.tanh_output else x
+
+    def _to_unit(self, x):
+        return 0.5 * (x + 1.0) if self.tanh_output else x
+
+    def _forward(self, x, training):
+        """``(x, x_hat, z, z_hat)`` with x and x_hat in the model's pixel range."""
+        x = self._to_model(x)
         z = self.encoder1(x, training=training)
         x_hat = self.decoder(z, training=training)
         z_hat = self.encoder2(x_hat, training=training)
-        return x_hat, z, z_hat
+        return x, x_hat, z, z_hat
 
-    def anomaly_score(self, x):
+    def call(self, x, training=False):
+        _, x_hat, z, z_hat = self._forward(x, training)
+        return self._to_unit(x_hat), z, z_hat
+
+    def anomaly_score(self, x, batchnorm="inference"):
+        """``(scores [B], x_hat [B, H, W, C] in [0, 1])``; see :func:`batchnorm_training` for ``batchnorm``."""
         x = ops.convert_to_tensor(x, "float32")
-        x_hat, z, z_hat = self(x, training=False)
+        training = batchnorm_training(batchnorm)
+        with _statistics_kept(self, training):
+            x_hat, z, z_hat = self(x, training=training)
         return ops.mean(ops.square(z - z_hat), axis=-1), x_hat
 
     def _loss_terms(self, x, training):
-        x_hat, z, z_hat = self(x, training=training)
+        x, x_hat, z, z_hat = self._forward(x, training)
         f_real, l_real = self.discriminator(x, training=training)
         f_fake, l_fake = self.discriminator(x_hat, training=training)
-        adv = ops.mean(ops.square(f_real - f_fake))
+        if self.adversarial == "bce":
+            adv = _bce(l_fake, 1.0)
+        else:
+            adv = ops.mean(ops.square(f_real - f_fake))
         con = ops.mean(ops.abs(x - x_hat))
         enc = ops.mean(ops.square(z - z_hat))
         g_loss = self.w_adv * adv + self.w_con * con + self.w_enc * enc
@@ -232,10 +280,69 @@ class GANomaly(_TwoPlayerModel):
             out = self._loss_terms(x, training=True)
         self._step(out["g_loss"], out["d_loss"], tape, *self.player_variables())
         del tape
+        if self.reinit_d_below is not None:
+            tf.cond(out["d_loss"] < self.reinit_d_below, self._reinit_discriminator, lambda: tf.constant(False))
         return self._report(**out)
+
+    def _reinit_discriminator(self):
+        """Draw the discriminator's weights again (the reference's DCGAN ``weights_init``)."""
+        self.d_reinits.assign_add(1)
+        for i, v in enumerate(self.discriminator.trainable_variables):
+            seed = tf.stack([tf.cast(self.d_reinits, tf.int32), tf.constant(i, tf.int32)])
+            noise = tf.random.stateless_normal(v.shape, seed=seed, stddev=0.02, dtype=v.dtype)
+            name = v.name.split("/")[-1].split(":")[0]
+            if name == "kernel":
+                v.assign(noise)
+            elif name == "gamma":
+                v.assign(1.0 + noise)
+            else:  # bias, beta
+                v.assign(tf.zeros_like(v))
+        return tf.constant(True)
 
     def test_step(self, data):
         return self._report(**self._loss_terms(_images(data), training=False))
+
+
+BATCHNORM_MODES = ("inference", "reference_leaky")
+
+
+def batchnorm_training(batchnorm: str) -> bool:
+    """Whether BatchNorm layers run in training mode when scoring.
+
+    ``"inference"`` (the default everywhere): moving statistics, so an image's
+    score never depends on the rest of its batch.
+
+    ``"reference_leaky"`` reproduces the reference GANomaly's evaluation, which
+    never switches its nets to evaluation mode: BatchNorm normalises each test
+    batch by that batch's own statistics. With an unshuffled test set (all
+    normals, then all abnormals) the statistics carry the label, which inflates
+    AUROC. For reproduction benchmarks only (bench/cifar10.py); never a
+    valid result. The moving statistics are left as they were.
+    """
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm={batchnorm!r}: choose from {', '.join(BATCHNORM_MODES)}")
+    return batchnorm == "reference_leaky"
+
+
+class _statistics_kept:
+    """Restore a model's non-trainable variables (BatchNorm moving statistics) on exit when ``active``:
+    a training-mode call outside ``fit`` would otherwise update them. Eager use only."""
+
+    def __init__(self, model, active):
+        self.model, self.active = model, active
+
+    def __enter__(self):
+        if self.active:
+            if not tf.executing_eagerly():
+                raise RuntimeError("batchnorm='reference_leaky' scoring runs eagerly only")
+            self.saved = [(v, v.numpy()) for v in self.model.non_trainable_variables]
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            for v, value in self.saved:
+                v.assign(value)
+        return False
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -269,11 +376,14 @@ class EfficientGAN(_TwoPlayerModel):
         z = self.encoder(x, training=training)
         return self.generator(z, training=training), z
 
-    def anomaly_score(self, x):
+    def anomaly_score(self, x, batchnorm="inference"):
+        """``(scores [B], x_hat [B, H, W, C])``; see :func:`batchnorm_training` for ``batchnorm``."""
         x = ops.convert_to_tensor(x, "float32")
-        x_hat, z = self(x, training=False)
-        f_real, _ = self.discriminator([x, z], training=False)
-        f_fake, _ = self.discriminator([x_hat, z], training=False)
+        training = batchnorm_training(batchnorm)
+        with _statistics_kept(self, training):
+            x_hat, z = self(x, training=training)
+            f_real, _ = self.discriminator([x, z], training=training)
+            f_fake, _ = self.discriminator([x_hat, z], training=training)
         rec = _per_image_mean(ops.abs(x - x_hat))
         fm = _per_image_mean(ops.abs(f_real - f_fake))
         return (1.0 - self.score_weight) * rec + self.score_weight * fm, x_hat

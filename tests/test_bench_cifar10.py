@@ -1,0 +1,78 @@
+"""bench/cifar10.py: planning, resume, the labelled report (tiny fake zip, dense AE only)."""
+
+import io
+import json
+import os
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+import cifar10 as bench  # noqa: E402
+
+from mvtec_keras.data.cifar10 import CLASSES  # noqa: E402
+from mvtec_keras.errors import InputError  # noqa: E402
+
+
+def test_plan_orders_seeds_and_puts_the_ensemble_last():
+    args = bench.parse_args(["--classes", "dog,cat", "--methods", "ganomaly_ensemble,ganomaly,mahalanobis",
+                             "--seeds", "0,1"])
+    cells = bench.plan(args)
+    assert [(c["class"], c["method"], c["seed"]) for c in cells] == [
+        ("dog", "ganomaly", 0), ("dog", "mahalanobis", None), ("cat", "ganomaly", 0), ("cat", "mahalanobis", None),
+        ("dog", "ganomaly", 1), ("cat", "ganomaly", 1), ("dog", "ganomaly_ensemble", None),
+        ("cat", "ganomaly_ensemble", None)]
+    assert cells[0]["config"]["image_size"] == 32 and cells[0]["config"]["epochs"] == 15
+    assert cells[0]["config"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize("argv, message", [(["--classes", "wolf"], "--classes"), (["--methods", "vae"], "--methods"),
+                                           (["--seeds", "a"], "--seeds"), (["--set", "ganomaly"], "--set")])
+def test_bad_flags(argv, message):
+    with pytest.raises(InputError, match=message):
+        bench.parse_args(argv)
+
+
+def test_report_keeps_the_leaky_figure_apart():
+    cfg = bench.PRESETS["ganomaly"]
+    rows = [{"class": "dog", "method": "ganomaly", "seed": s, "config": cfg, "auroc": a, "auroc_reference_leaky": b,
+             "train_s": 60.0, "score_s": 5.0} for s, a, b in ((0, 0.54, 0.65), (1, 0.56, 0.69))]
+    rows.append({"class": "dog", "method": "ganomaly", "seed": 0, "config": {**cfg, "filters": 64}, "auroc": 0.6,
+                 "auroc_reference_leaky": 0.7, "train_s": 1.0, "score_s": 1.0})
+    text = bench.markdown(rows, [])
+    main, leaky = text.split("## Reproduction of the reference's evaluation (leaky; not a valid result)")
+    assert "**Partial:**" in main
+    assert "| dog | 0.550 ± 0.010 (n=2) |" in main and "0.670" not in main  # honest table: honest figures only
+    assert "| dog | ganomaly | 0.550 ± 0.010 (n=2) | 0.670 ± 0.020 (n=2) |" in leaky
+    assert '`{"filters": 64}`' in leaky  # the ablation row is listed apart, not pooled
+
+
+def _fake_zip(path):
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as z:
+        for split, n in (("train", 4), ("test", 2)):
+            for k, cls in enumerate(CLASSES):
+                for i in range(n):
+                    buf = io.BytesIO()
+                    img = np.clip(rng.normal(20 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                    Image.fromarray(img).save(buf, "JPEG")
+                    z.writestr(f"{split}/{cls}/{i:04d}.jpg", buf.getvalue())
+
+
+def test_runs_a_cell_then_skips_it(tmp_path, capsys):
+    _fake_zip(tmp_path / "c.zip")
+    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "dense_ae", "--seeds", "0",
+            "--set", "dense_ae.epochs=1", "--out", str(tmp_path / "r.jsonl"), "--models-dir", str(tmp_path / "m")]
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "r.jsonl")]
+    cell = [r for r in rows if "auroc" in r]
+    assert len(cell) == 1 and 0.0 <= cell[0]["auroc"] <= 1.0 and cell[0]["config"]["epochs"] == 1
+    assert "auroc_reference_leaky" not in cell[0]  # the dense AE has no BatchNorm
+    assert bench.main(argv) == 0
+    assert "0 cells to run (1 already in" in capsys.readouterr().out
+    report = tmp_path / "b.md"
+    assert bench.main(argv + ["--report", "--report-path", str(report)]) == 0
+    assert "dense_ae" in report.read_text() and "Reproduce:" in report.read_text()
