@@ -60,7 +60,7 @@ class MethodSpec:
 
     @property
     def backbone_name(self) -> str:
-        return self.backbone or "efficientnet-lite0" if self.family == "features" else "-"
+        return (self.backbone or "efficientnet-lite0") if self.family == "features" else "-"
 
 
 _LITE = {"backbone": "efficientnet-lite0", "size": 256, "crop": 224}

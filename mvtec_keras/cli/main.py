@@ -1,7 +1,7 @@
 """``mvtec-keras`` / ``python -m mvtec_keras``: one entry point for every script.
 
 Subcommands: ``train``, ``finetune``, ``test``, ``extract`` (the same as the
-top-level scripts), ``demo`` (build the embedded demo category and describe it)
+top-level scripts), ``demo`` (build the embedded demo category and describe it),
 ``benchmark`` (methods x categories)
 and ``run`` (the main job: PaDiM, then an autoencoder, each fitted, finetuned and tested; one report).
 """
@@ -9,7 +9,6 @@ and ``run`` (the main job: PaDiM, then an autoencoder, each fitted, finetuned an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
