@@ -140,15 +140,24 @@ def test_extract_rejects_unknown_method(category, capsys):
     assert "--method" in _one_line_error(capsys)
 
 
-def test_main_job_runs_train_finetune_test(category, tmp_path, capsys):
+def test_main_job_runs_padim_then_the_autoencoder_into_one_report(category, tmp_path, capsys):
     out = str(tmp_path / "main-job")
     assert mvtec_main(["run", "-d", category, "--size", "64", "--epochs", "1", "--precision", "float32",
                        "--out", out]) == 0
     printed = capsys.readouterr().out
-    res = json.load(open(os.path.join(out, "test", "test_result.json")))
-    assert '"image_auroc"' in printed and res["n_excluded_finetune"] > 0
-    ft = json.load(open(os.path.join(out, "finetune.json")))
-    assert ft["mode"] == "search" and res["map_sigma"] == ft["map_sigma"]
+    report = os.path.join(out, "report.html")
+    assert f"report: {os.path.abspath(report)}" in printed and os.path.isfile(report)
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["status"]) for r in rows] == [("padim", "ok"), ("mvtecCAE", "ok")]  # PaDiM first
+    for method in ("padim", "mvtecCAE"):
+        run = os.path.join(out, "cells", "widget", method, "run")
+        res = json.load(open(os.path.join(run, "test", "test_result.json")))
+        ft = json.load(open(os.path.join(run, "finetune.json")))
+        assert ft["mode"] == "search" and res["n_excluded_finetune"] > 0
+        assert os.path.isfile(os.path.join(run, "test", "report.html"))
+    assert res["map_sigma"] == ft["map_sigma"]
+    assert "padim" in open(report).read() and "mvtecCAE" in open(report).read()
 
 
 def test_unknown_subcommand(capsys):

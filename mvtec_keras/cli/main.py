@@ -1,20 +1,20 @@
 """``mvtec-keras`` / ``python -m mvtec_keras``: one entry point for every script.
 
 Subcommands: ``train``, ``finetune``, ``test``, ``extract`` (the same as the
-top-level scripts), ``demo`` (build the embedded demo category and describe it)
-and ``run`` (the main job: train -> finetune -> test).
+top-level scripts), ``demo`` (build the embedded demo category and describe it),
+``benchmark`` (methods x categories)
+and ``run`` (the main job: PaDiM, then an autoencoder, each fitted, finetuned and tested; one report).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from .common import run_main
 
-COMMANDS = ("train", "finetune", "test", "extract", "demo", "run")
+COMMANDS = ("train", "finetune", "test", "extract", "benchmark", "demo", "run")
 
 
 def _demo(argv):
@@ -34,39 +34,39 @@ def _demo(argv):
 def _run(argv):
     p = argparse.ArgumentParser(
         prog="mvtec-keras run",
-        description="The main job: train an autoencoder, pick its operating point, test it. "
-        "Default data: the embedded demo category.",
+        description="The main job: the recommended pretrained-feature detector (PaDiM on EfficientNet-Lite0), "
+        "then the autoencoder pipeline, each fitted, given its operating point (finetune.py) and tested; "
+        "ends in one report.html comparing them. Default data: the embedded demo category.",
     )
     p.add_argument("-d", "--data", help="MVTec-layout category (default: the demo category)")
-    p.add_argument("-a", "--architecture", default="mvtecCAE")
+    p.add_argument("-a", "--architecture", default="mvtecCAE", help="autoencoder (default mvtecCAE)")
     p.add_argument("-l", "--loss", default="ssim")
     p.add_argument("-c", "--color", default="grayscale")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--precision", default="auto", help="float32 | mixed_bfloat16 | auto (default)")
-    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--size", type=int, default=None, help="autoencoder image size (default 256)")
     p.add_argument("--out", default=os.path.join("runs", "main-job"))
     args = p.parse_args(argv)
-    from . import finetune, test, train
+    from ..benchmark import MethodSpec, builtin_methods, run_benchmark, summary_markdown
+    from ..errors import InputError
     from .common import check_range
 
     check_range(args.epochs, "--epochs", 1)
     check_range(args.size, "--size", 8)
 
-    train_args = ["-a", args.architecture, "-l", args.loss, "-c", args.color, "--epochs", str(args.epochs),
-                  "--precision", args.precision, "--out", args.out]
-    if args.data:
-        train_args += ["-d", args.data]
-    if args.size:
-        train_args += ["--size", str(args.size)]
-    if os.path.exists(os.path.join(args.out, "info.json")):
+    if args.data and not os.path.isdir(args.data):
+        raise InputError(f"-d/--data: folder not found: {args.data}")
+    ae = MethodSpec(args.architecture, "autoencoder", args.architecture, loss=args.loss, color=args.color,
+                    epochs=args.epochs, precision=args.precision, size=args.size)
+    ours = any(os.path.exists(os.path.join(args.out, f)) for f in ("results.csv", "info.json"))
+    if ours:
         import shutil
 
         shutil.rmtree(args.out)  # the main job always starts fresh in its own folder
-    train.main(train_args)
-    finetune.main(["-p", args.out])
-    test.main(["-p", args.out])
-    with open(os.path.join(args.out, "test", "test_result.json")) as f:
-        print(json.dumps(json.load(f), indent=2))
+    rows = run_benchmark(args.data, [builtin_methods()["padim"], ae], args.out, title="mvtec-keras main job")
+    print(summary_markdown(rows))
+    report = os.path.abspath(os.path.join(args.out, "report.html"))
+    print(f"report: {report}")
 
 
 def main(argv=None) -> int:
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
-    if cmd in ("train", "finetune", "test", "extract"):
+    if cmd in ("train", "finetune", "test", "extract", "benchmark"):
         import importlib
 
         mod = importlib.import_module(f".{cmd}", __package__)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from ..fileio import staged_dir, write_json
 from .common import category_from_info, model_dir_from_arg, run_main
 from ..operating_point import DEFAULT_TARGET_FPR, operating_point_for_run
 from .finetune import load_for_scoring
+from ..reports.html import write_run_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +57,13 @@ def main(argv=None) -> None:
     test = [s for s in cat.test if s.path not in excluded]
     if not test:
         raise InputError(f"empty split: no test images left for {cat.root} after removing the finetune split")
+    t0 = time.perf_counter()
     res = det.score(make_dataset(test, prep, args.batch_size), keep_images=args.max_overlays > 0, progress=verbose)
+    scoring_s = time.perf_counter() - t0
     labels = res.labels.astype(int)
 
     out = {"detector": det.name, "n_images": int(len(test)), "n_defective": int(labels.sum()),
-           "n_excluded_finetune": len(excluded)}
+           "n_excluded_finetune": len(excluded), "scoring_img_per_s": round(len(test) / max(scoring_s, 1e-9), 2)}
     out["image_auroc"] = metrics.image_auroc(labels, res.scores)
     out["image_ap"] = metrics.average_precision(labels, res.scores)
     out["f1_max"] = metrics.f1_max(labels, res.scores)[0]
@@ -104,6 +108,7 @@ def main(argv=None) -> None:
         table = reports.per_defect_table(res, pred)
         with open(os.path.join(tmp, "per_defect.txt"), "w") as f:
             f.write(table + "\n")
+        write_run_report(tmp, out, res, ft, pred, segs, det=det, title=f"{det.name} on {cat.name}")
     if verbose:
         print(table)
         keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "tpr", "tnr", "balanced_accuracy")
