@@ -1,6 +1,6 @@
 """``mvtec-keras`` / ``python -m mvtec_keras``: one entry point for every script.
 
-Subcommands: ``train``, ``finetune``, ``test``, ``extract`` (the same as the
+Subcommands: ``train``, ``finetune``, ``test``, ``extract``, ``predict``, ``export`` (the same as the
 top-level scripts), ``demo`` (build the embedded demo category and describe it),
 ``benchmark`` (methods x categories)
 and ``run`` (the main job: PaDiM, then an autoencoder, each fitted, finetuned and tested; one report).
@@ -14,7 +14,7 @@ import sys
 
 from .common import run_main
 
-COMMANDS = ("train", "finetune", "test", "extract", "benchmark", "demo", "run")
+COMMANDS = ("train", "finetune", "test", "extract", "predict", "export", "benchmark", "demo", "run")
 
 
 def _demo(argv):
@@ -76,11 +76,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
-    if cmd in ("train", "finetune", "test", "extract", "benchmark"):
+    if cmd in ("train", "finetune", "test", "extract", "predict", "export", "benchmark"):
         import importlib
 
         mod = importlib.import_module(f".{cmd}", __package__)
-        return run_main(mod.main, rest)
+        return mod.cli(rest)
     return run_main(_demo if cmd == "demo" else _run, rest)
 
 

@@ -275,3 +275,10 @@ def load_arrays(samples, prep: Preprocessing, batch_size: int = 32) -> dict:
     for k in ("path", "defect_type"):
         arrays[k] = [b.decode() for b in arrays[k].tolist()]
     return arrays
+
+
+def load_image(path: str, prep: Preprocessing) -> np.ndarray:
+    """One file as float32 ``[S, S, C]`` in [0, 1], by the same ops as :func:`make_dataset`."""
+    is_tiff = tf.constant(path.lower().endswith((".tif", ".tiff")))
+    img = _to_channels(_decode_any(tf.io.read_file(path), is_tiff), prep.channels)
+    return tf.clip_by_value(_resize_crop(img, prep, "bilinear"), 0.0, 1.0).numpy()

@@ -90,11 +90,16 @@ class BackboneMixin:
     def _features(self, images, levels) -> list:
         """Run the extractor; returns the requested levels as a list of tensors."""
         ext, x = self.extractor, to_rgb(images)
-        if getattr(self, "_extract_for", None) != (id(ext), tuple(x.shape[1:])):
+        if not tf.executing_eagerly():
+            # Inside a trace (an export graph): call the model directly so static shapes,
+            # the batch size included, survive into the graph.
+            out = ext(x, training=False)
+        elif getattr(self, "_extract_for", None) != (id(ext), tuple(x.shape[1:])):
             # A traced graph runs the backbone ~2x faster than eager dispatch; any batch size, one trace.
             self._extract_fn = batch_function(lambda t: ext(t, training=False), x)
             self._extract_for = (id(ext), tuple(x.shape[1:]))
-        out = self._extract_fn(x)
+        if tf.executing_eagerly():
+            out = self._extract_fn(x)
         try:
             return [out[f"level{int(lv)}"] for lv in levels]
         except KeyError as e:
@@ -312,6 +317,24 @@ def upsample_blur(maps, size, sigma: float):
 
 
 # --------------------------------------------------------------------------- nearest neighbours
+def argmin(x, axis: int):
+    """``ops.argmin`` (int32) without Keras' negative-zero test on floats.
+
+    That test reads the sign bit with bitwise ops, which LiteRT has no builtin
+    for; distances never depend on the sign of zero.
+    """
+    if keras.backend.backend() == "tensorflow":
+        return tf.argmin(x, axis=axis, output_type=tf.int32)
+    return ops.cast(ops.argmin(x, axis=axis), "int32")
+
+
+def argmax(x, axis: int):
+    """``ops.argmax`` (int32), see :func:`argmin`."""
+    if keras.backend.backend() == "tensorflow":
+        return tf.argmax(x, axis=axis, output_type=tf.int32)
+    return ops.cast(ops.argmax(x, axis=axis), "int32")
+
+
 def squared_distances(a, b, b_sq=None):
     """Pairwise squared Euclidean distances [M, N] via one matmul (clipped at 0)."""
     a_sq = ops.sum(a * a, axis=-1, keepdims=True)
@@ -345,7 +368,7 @@ def knn(queries, bank, k: int = 1, bank_sq=None, max_elements: int = 1 << 24):
         b_aug = ops.concatenate([-2.0 * bank[start : start + chunk], bank_sq[start : start + chunk, None]], axis=1)
         part = ops.matmul(q_aug, ops.transpose(b_aug))  # squared distance minus |q|^2
         if k == 1:  # argmin + gather is cheaper than top_k
-            ci = ops.cast(ops.argmin(part, axis=1), "int32")[:, None]
+            ci = argmin(part, axis=1)[:, None]
             cd = ops.take_along_axis(part, ci, axis=1)
         else:
             neg, ci = ops.top_k(-part, min(k, int(part.shape[1])))

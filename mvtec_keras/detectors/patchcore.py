@@ -24,7 +24,7 @@ from keras import ops
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import BackboneMixin, greedy_coreset, iter_images, knn, resize, to_rgb, upsample_blur
+from .feature_common import BackboneMixin, argmax, greedy_coreset, iter_images, knn, resize, to_rgb, upsample_blur
 
 STATE_FILE = "patchcore_state.npz"
 
@@ -144,7 +144,7 @@ class PatchcoreDetector(BackboneMixin, Detector):
         maps = upsample_blur(ops.reshape(dist, (-1, h, w)), size, self.sigma)
 
         # Paper's reweighting of the most anomalous patch of each image.
-        worst = ops.argmax(dist, axis=1)[:, None]
+        worst = argmax(dist, axis=1)[:, None]
         s_star = ops.take_along_axis(dist, worst, axis=1)[:, 0]
         m_star = ops.take_along_axis(nn, worst, axis=1)[:, 0]
         m_test = ops.take_along_axis(ops.reshape(f, (-1, h * w, c)), worst[:, :, None], axis=1)[:, 0]

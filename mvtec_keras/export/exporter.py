@@ -1,0 +1,167 @@
+"""Export a trained run: build its graph, convert it, check it against Keras, write file + metadata."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from ..errors import InputError
+from .graph import NotExportable, build_archive, needs_static_batch, scoring_function
+
+FORMATS = ("litert", "saved_model", "onnx")
+_EXT = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}
+
+
+def check_request(fmt: str, precision: str, calibration: int) -> None:
+    from .converters import PRECISIONS
+
+    if fmt not in FORMATS:
+        raise InputError(f"--format: unknown '{fmt}'; choose {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: unknown '{precision}'; choose {', '.join(PRECISIONS)}")
+    if fmt != "litert" and precision != "float32":
+        raise NotExportable(f"--precision {precision}: only LiteRT files are quantised; {fmt} is float32")
+    if int(calibration) < 1:
+        raise InputError(f"--calibration must be at least 1, got {calibration}")
+
+
+def _load_run(model_dir):
+    from ..cli.finetune import load_for_scoring
+    from ..operating_point import configure_detector, load_operating_point
+
+    op = load_operating_point(model_dir)
+    try:
+        det, info = load_for_scoring(model_dir)
+    except InputError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise InputError(f"{model_dir}: cannot load its detector ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    configure_detector(det, op)
+    if "preprocessing" not in info:
+        raise InputError(f"{model_dir}: info.json has no preprocessing record")
+    return det, info, op
+
+
+def _uint8_images(samples, prep, limit):
+    from ..data.pipeline import load_image
+    from ..runtime.images import to_uint8
+
+    return np.stack([to_uint8(load_image(s.path, prep)) for s in samples[:limit]]) if samples else None
+
+
+def default_out(model_dir, det, fmt, precision):
+    name = f"{det.name}_{precision}{_EXT[fmt]}" if fmt != "saved_model" else "saved_model"
+    return os.path.join(model_dir, "export", name)
+
+
+def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", calibration: int = 100,
+               out: str | None = None, parity_images: int = 8, verbose: bool = True) -> dict:
+    """Export the run in ``model_dir``; returns the metadata written beside the file."""
+    from ..cli.common import category_from_info, validation_samples
+    from ..data.pipeline import Preprocessing
+    from ..runtime.model import metadata_path
+    from . import converters
+    from .metadata import build_metadata, write_metadata
+
+    check_request(fmt, precision, calibration)
+    det, info, op = _load_run(model_dir)
+    scoring_function(det)  # one line and exit 2 for a family that has no graph, before any work
+    prep = Preprocessing.from_dict(info["preprocessing"])
+    shape = prep.input_shape
+    cat = category_from_info(info)
+    val = validation_samples(cat, info)
+    wanted = {s.path for s in val}
+    train = [s for s in cat.train if s.path not in wanted]
+    out = os.path.abspath(out or default_out(model_dir, det, fmt, precision))
+    if os.path.exists(out):
+        raise InputError(f"--out: {out} exists; remove it or choose another path")
+    val_u8 = _uint8_images(val or train, prep, 10_000)
+    calib = _uint8_images(train, prep, int(calibration)) if precision == "int8" else None
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        batch = 1 if fmt == "litert" or needs_static_batch(det) else None
+        archive = build_archive(det, shape, op, batch_size=batch)
+        sm = os.path.join(work, "saved_model")
+        converters.write_saved_model(archive, sm)
+        ops = None
+        if fmt == "litert":
+            rep = converters.representative_from(calib) if calib is not None else None
+            flat = converters.to_litert(sm, precision, rep)
+            ops = converters.builtin_ops(flat)
+            made = os.path.join(work, "model.tflite")
+            with open(made, "wb") as f:
+                f.write(flat)
+        elif fmt == "onnx":
+            made = os.path.join(work, "model.onnx")
+            converters.to_onnx(sm, made)
+        else:
+            made = sm
+        exported_scores, exported_maps = _run_exported(made, fmt, val_u8, det.has_maps, shape)
+        parity = _parity(det, val_u8[:parity_images], exported_scores[:parity_images],
+                         None if exported_maps is None else exported_maps[:parity_images])
+        size = _size(made)
+        meta = build_metadata(det, info, op, fmt, precision, shape, batch, det.has_maps, parity,
+                              exported_scores, size, ops)
+        meta["validation_images"] = int(len(val_u8)) if val else 0
+        if precision == "int8":
+            meta["calibration_images"] = int(len(calib))
+            meta["int8_note"] = ("full-integer post-training quantisation (uint8 in, float32 out); ops without "
+                                 "an int8 kernel run in float; no op is kept float on purpose")
+        write_metadata(os.path.join(work, "meta.json"), meta)
+        os.replace(made, out)
+        os.replace(os.path.join(work, "meta.json"), metadata_path(out))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if verbose:
+        print(f"wrote {out} ({size / 1e6:.2f} MB) and {metadata_path(out)}")
+        print(f"parity on {parity['n_images']} validation images vs Keras: score rel. diff "
+              f"{parity['max_score_rel_diff']:.2e}" + (f", map abs. diff {parity['max_map_abs_diff']:.2e}"
+                                                       if parity.get("max_map_abs_diff") is not None else ""))
+    meta["path"] = out
+    return meta
+
+
+def _size(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def _run_exported(path, fmt, images_u8, has_maps, shape):
+    """Scores (and maps) of the exported artefact itself on ``images_u8``."""
+    if fmt == "saved_model":
+        import tensorflow as tf
+
+        fn = tf.saved_model.load(path).signatures["serve"]
+        outs = [fn(image=tf.constant(img[None])) for img in images_u8]
+        scores = np.concatenate([o["score"].numpy().reshape(-1) for o in outs])
+        maps = np.concatenate([o["map"].numpy() for o in outs]) if has_maps else None
+        return scores, maps
+    from ..runtime.model import ExportedModel
+
+    meta = {"input": {"shape": [1, *shape]}, "has_maps": has_maps}
+    return ExportedModel(path, metadata=meta).score(images_u8)
+
+
+def _parity(det, images_u8, scores, maps) -> dict:
+    x = images_u8.astype(np.float32) / 255.0
+    ref_s, ref_m = [], []
+    for i in range(0, len(x), 8):
+        s, m = det.score_batch(x[i : i + 8])
+        ref_s.append(np.asarray(s, np.float32).reshape(-1))
+        if m is not None:
+            ref_m.append(np.asarray(m, np.float32))
+    ref_s = np.concatenate(ref_s)
+    rel = np.abs(scores - ref_s) / np.maximum(np.abs(ref_s), 1e-12)
+    out = {"n_images": int(len(x)), "reference": "the Keras detector on the same uint8 images",
+           "max_score_rel_diff": float(rel.max()), "max_map_abs_diff": None}
+    if maps is not None and ref_m:
+        out["max_map_abs_diff"] = float(np.abs(maps - np.concatenate(ref_m)).max())
+    return out
