@@ -1,0 +1,297 @@
+"""Deployment: every family exported to LiteRT (no Flex ops, float parity), SavedModel, ONNX;
+predict.py on run folders and exported files; the TF-free runtime; preprocessing parity."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import make_mvtec
+from test_feature_detectors import toy_backbone
+
+from mvtec_keras.cli.export import cli as export_cli
+from mvtec_keras.cli.predict import cli as predict_cli
+from mvtec_keras.data import Preprocessing, discover, split_validation
+from mvtec_keras.detectors import detector_class
+from mvtec_keras.export import converters
+from mvtec_keras.fileio import write_json
+from mvtec_keras.runtime.images import read_image, to_model_input, to_uint8
+from mvtec_keras.runtime.model import ExportedModel, read_metadata
+
+SIZE = 32
+GAN = {"image_size": SIZE, "channels": 3, "latent_dim": 8, "filters": 8, "epochs": 1, "batch_size": 8}
+DENSE = {k: v for k, v in GAN.items() if k != "filters"} | {"hidden": (16,)}
+FAMILIES = {
+    "autoencoder": lambda: detector_class("autoencoder")("mvtecCAE", (SIZE, SIZE, 3), epochs=1, batch_size=4),
+    "ganomaly": lambda: detector_class("ganomaly")(**GAN),
+    "efficientgan": lambda: detector_class("efficientgan")(**GAN),
+    "dense_ae": lambda: detector_class("dense_ae")(**DENSE),
+    "ensemble": lambda: detector_class("ensemble")(detector="dense_ae", config=DENSE, members=2),
+    "mahalanobis": lambda: detector_class("mahalanobis")(backbone=toy_backbone()),
+    "padim": lambda: detector_class("padim")(backbone=toy_backbone(), n_features=10, sigma=1.0),
+    "patchcore": lambda: detector_class("patchcore")(backbone=toy_backbone(), coreset_ratio=0.25, sigma=1.0,
+                                                     levels=(3, 4)),
+    "spade": lambda: detector_class("spade")(backbone=toy_backbone(), k=3, sigma=1.0),
+}
+
+
+def _write_run(out, det, cat, prep, validation):
+    det.save(out)
+    write_json(os.path.join(out, "info.json"), {
+        "version": 1, "detector": det.name, "architecture": det.name,
+        "data": {"root": cat.root, "name": cat.name, "mode": cat.mode, "val_fraction": 0.25, "seed": 0,
+                 "validation_files": [s.path for s in validation]},
+        "preprocessing": prep.to_dict()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    root = make_mvtec(str(tmp_path_factory.mktemp("data") / "cat"), size=SIZE, n_train=12, channels=3)
+    cat = discover(root)
+    train, val = split_validation(cat.train, 0.25, 0)
+    return cat, train, val
+
+
+@pytest.fixture(scope="module")
+def runs(category, tmp_path_factory):
+    """One fitted run folder per family, and one LiteRT float32 export of each."""
+    from mvtec_keras.data import load_arrays
+
+    cat, train, val = category
+    prep = Preprocessing(size=SIZE, color_mode="rgb")
+    x = load_arrays(train, prep)["image"]
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, make in FAMILIES.items():
+        det = make()
+        det.fit(x) if "backbone" in det.get_config() else det.fit(x, verbose=0)
+        out[name] = _write_run(str(base / name), det, cat, prep, val)
+    for name, d in out.items():
+        assert export_cli(["-p", d, "-q"]) == 0, name
+    return out
+
+
+def _keras_scores(run_dir, images_u8):
+    from mvtec_keras.detectors import load_detector
+
+    det = load_detector(run_dir)
+    s, m = det.score_batch(images_u8.astype(np.float32) / 255.0)
+    return np.asarray(s).reshape(-1), None if m is None else np.asarray(m)
+
+
+def _val_u8(category):
+    _, _, val = category
+    return np.stack([to_uint8(to_model_input(read_image(s.path), {"size": SIZE, "color_mode": "rgb"})) for s in val])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_exports_to_litert_without_flex_with_float_parity(runs, category, family):
+    path = os.path.join(runs[family], "export", f"{family}_float32.tflite")
+    with open(path, "rb") as f:
+        flat = f.read()
+    assert converters.flex_ops(flat) == []
+    model = ExportedModel(path)  # ai-edge-litert loads it: it would fail on a Flex op
+    x = _val_u8(category)
+    scores, maps = model.score(x)
+    ref_s, ref_m = _keras_scores(runs[family], x)
+    np.testing.assert_allclose(scores, ref_s, rtol=1e-4, atol=1e-6)
+    assert (maps is None) == (ref_m is None)
+    if maps is not None:
+        assert maps.shape == (len(x), SIZE, SIZE)
+        np.testing.assert_allclose(maps, ref_m, atol=1e-3)
+    meta = read_metadata(path)
+    assert meta["input"] == {**meta["input"], "dtype": "uint8", "shape": [1, SIZE, SIZE, 3]}
+    assert meta["detector"]["name"] == family and meta["preprocessing"]["color_mode"] == "rgb"
+    assert meta["parity"]["max_score_rel_diff"] < 1e-3 and meta["size_bytes"] == os.path.getsize(path)
+    assert len(meta["validation_scores"]) == len(x) and meta["operating_point"] is None
+
+
+@pytest.mark.parametrize("family", ["autoencoder", "padim"])
+@pytest.mark.parametrize("precision", ["float16", "dynamic", "int8"])
+def test_quantised_litert_exports_load_and_stay_builtin(runs, category, family, precision, tmp_path):
+    out = str(tmp_path / f"{family}.tflite")
+    assert export_cli(["-p", runs[family], "--precision", precision, "--calibration", "5", "--out", out, "-q"]) == 0
+    with open(out, "rb") as f:
+        flat = f.read()
+    assert converters.flex_ops(flat) == []
+    meta = read_metadata(out)
+    assert meta["precision"] == precision
+    if precision == "int8":
+        assert meta["calibration_images"] == 5 and "QUANTIZE" in meta["litert_ops"]
+    scores, _ = ExportedModel(out).score(_val_u8(category))
+    ref, _ = _keras_scores(runs[family], _val_u8(category))
+    assert np.all(np.isfinite(scores))
+    np.testing.assert_allclose(scores, ref, rtol=0.5)  # quantised: same scale, not the same digits
+    assert os.path.getsize(out) < os.path.getsize(os.path.join(runs[family], "export", f"{family}_float32.tflite"))
+
+
+def test_saved_model_serving_signature_and_onnx(runs, category, tmp_path):
+    import tensorflow as tf
+
+    x = _val_u8(category)
+    ref_s, ref_m = _keras_scores(runs["padim"], x)
+    sm = str(tmp_path / "sm")
+    assert export_cli(["-p", runs["padim"], "--format", "saved_model", "--out", sm, "-q"]) == 0
+    serve = tf.saved_model.load(sm).signatures["serve"]
+    out = serve(image=tf.constant(x))  # any batch size
+    np.testing.assert_allclose(out["score"].numpy(), ref_s, rtol=1e-4)
+    np.testing.assert_allclose(out["map"].numpy(), ref_m, atol=1e-3)
+    onnx_path = str(tmp_path / "padim.onnx")
+    assert export_cli(["-p", runs["padim"], "--format", "onnx", "--out", onnx_path, "-q"]) == 0
+    scores, maps = ExportedModel(onnx_path).score(x)  # onnxruntime
+    np.testing.assert_allclose(scores, ref_s, rtol=1e-4)
+    np.testing.assert_allclose(maps, ref_m, atol=1e-3)
+
+
+def test_unsupported_requests_one_line_exit_2(runs, tmp_path, capsys):
+    assert export_cli(["-p", runs["padim"], "--format", "onnx", "--precision", "int8"]) == 2
+    assert export_cli(["-p", runs["padim"], "--format", "tflite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "only LiteRT files are quantised" in err[0] and "--format" in err[1]
+
+
+def test_anogan_says_why_it_cannot_be_exported(category, tmp_path, capsys):
+    cat, train, val = category
+    det = detector_class("anogan")(**{**GAN, "search_steps": 2})
+    from mvtec_keras.data import load_arrays
+
+    det.fit(load_arrays(train, Preprocessing(size=SIZE, color_mode="rgb"))["image"], verbose=0)
+    run = _write_run(str(tmp_path / "anogan"), det, cat, Preprocessing(size=SIZE, color_mode="rgb"), val)
+    assert export_cli(["-p", run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "anogan cannot be exported" in err[0]
+    assert not os.path.exists(os.path.join(run, "export"))
+
+
+def test_missing_or_unfitted_run_one_line_exit_2_writes_nothing(tmp_path, capsys):
+    assert export_cli(["-p", str(tmp_path / "nope")]) == 2
+    unfitted = tmp_path / "unfitted"
+    unfitted.mkdir()
+    (unfitted / "info.json").write_text(json.dumps({"preprocessing": {"size": 32}}))
+    assert export_cli(["-p", str(unfitted)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert sorted(os.listdir(unfitted)) == ["info.json"]
+    assert sorted(os.listdir(tmp_path)) == ["unfitted"]
+
+
+@pytest.fixture()
+def folder(category, tmp_path):
+    """A good image, an unreadable file and a wrong-mode (32-bit integer) image."""
+    from PIL import Image
+
+    cat, _, _ = category
+    d = tmp_path / "line"
+    d.mkdir()
+    good = next(s.path for s in cat.test if s.label == 1)
+    Image.open(good).resize((45, 40)).save(d / "a_good.png")  # camera size differs: resized outside the graph
+    (d / "b_broken.png").write_bytes(b"not an image")
+    Image.fromarray(np.zeros((SIZE, SIZE), np.int32)).save(d / "c_mode.tif")
+    return d
+
+
+def _rows(out):
+    with open(os.path.join(out, "predictions.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("source", ["run", "tflite"])
+def test_predict_folder_with_bad_files(runs, folder, tmp_path, capsys, source):
+    path = runs["padim"] if source == "run" else os.path.join(runs["padim"], "export", "padim_float32.tflite")
+    out = str(tmp_path / "pred")
+    assert predict_cli(["-p", path, str(folder), "--out", out, "-q"]) == 2
+    rows = _rows(out)
+    assert [os.path.basename(r["file"]) for r in rows] == ["a_good.png", "b_broken.png", "c_mode.tif"]
+    assert rows[0]["error"] == "" and float(rows[0]["score"]) > 0 and rows[0]["decision"] in ("0", "1")
+    assert "unreadable or corrupt image" in rows[1]["error"] and rows[1]["score"] == ""
+    assert "unsupported pixel format 'I'" in rows[2]["error"]
+    captured = capsys.readouterr()
+    assert "1 scored" in captured.out and "2 unreadable" in captured.out
+    assert len([ln for ln in captured.err.splitlines() if ln.startswith("error: ")]) == 2
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["threshold_from_validation_fpr"] and summary["operating_point"]["decision"] == "image_score"
+    assert summary["n_anomalous"] == len(os.listdir(os.path.join(out, "overlays"))) if summary["n_anomalous"] \
+        else not os.path.exists(os.path.join(out, "overlays"))
+
+
+def test_predict_uses_finetune_operating_point_and_draws_overlays(runs, folder, tmp_path):
+    run = runs["autoencoder"]
+    op = {"decision": "segmentation", "threshold": -1.0, "min_area": 1, "method": "ssim", "map_sigma": 0.0,
+          "mode": "fpr"}  # a threshold below every value: one region... touching the border, so not counted
+    write_json(os.path.join(run, "finetune.json"), op)
+    try:
+        out = str(tmp_path / "p")
+        assert predict_cli(["-p", run, str(folder / "a_good.png"), "--out", out, "-q"]) == 0
+        row = _rows(out)[0]
+        assert row["decision"] == "0" and row["anomalous_area_px"] == "0" and float(row["threshold"]) == -1.0
+        summary = json.load(open(os.path.join(out, "summary.json")))
+        assert not summary["threshold_from_validation_fpr"] and summary["operating_point"]["min_area"] == 1
+        op["threshold"], op["decision"] = 0.0, "image_score"  # every image flagged: an overlay is drawn
+        write_json(os.path.join(run, "finetune.json"), op)
+        out2 = str(tmp_path / "p2")
+        assert predict_cli(["-p", run, str(folder / "a_good.png"), "--out", out2, "-q"]) == 0
+        assert _rows(out2)[0]["decision"] == "1" and os.listdir(os.path.join(out2, "overlays")) == ["a_good.png"]
+    finally:
+        os.remove(os.path.join(run, "finetune.json"))
+
+
+def test_runtime_preprocessing_matches_training(tmp_path):
+    """The numpy resize / colour path equals the tf.data pipeline (camera sizes, both colour modes, crop)."""
+    from PIL import Image
+
+    from mvtec_keras.data.pipeline import load_image
+
+    rng = np.random.default_rng(0)
+    cases = [((53, 61, 3), "RGB"), ((20, 17), "L"), ((64, 64, 4), "RGBA"), ((32, 32, 3), "RGB")]
+    for i, (shape, mode) in enumerate(cases):
+        p = str(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(p)
+        for prep in (Preprocessing(32, "rgb"), Preprocessing(32, "grayscale"), Preprocessing(40, "rgb", crop=32)):
+            ours = to_model_input(read_image(p), prep.to_dict())
+            np.testing.assert_allclose(ours, load_image(p, prep), atol=2e-6, err_msg=f"{shape} {prep}")
+    # at input size and colour mode the uint8 graph input is exact
+    same = str(tmp_path / "3.png")
+    np.testing.assert_array_equal(to_uint8(to_model_input(read_image(same), {"size": 32, "color_mode": "rgb"})),
+                                  np.asarray(Image.open(same)))
+
+
+_NO_TF = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from mvtec_keras.cli.predict import cli
+code = cli(sys.argv[1:])
+assert not any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_tflite_predict_runs_without_tensorflow(runs, category, tmp_path):
+    _, _, val = category
+    path = os.path.join(runs["patchcore"], "export", "patchcore_float32.tflite")
+    out = str(tmp_path / "p")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
+    proc = subprocess.run([sys.executable, "-c", _NO_TF, "-p", path, *[s.path for s in val], "--out", out, "-q"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = np.array([float(r["score"]) for r in _rows(out)])
+    ref, _ = _keras_scores(runs["patchcore"], _val_u8(category))
+    np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_python_m_entry_points(runs, folder, tmp_path):
+    from mvtec_keras.cli.main import COMMANDS, main
+
+    assert {"predict", "export"} <= set(COMMANDS)
+    out = str(tmp_path / "p")
+    tfl = os.path.join(runs["mahalanobis"], "export", "mahalanobis_float32.tflite")
+    assert main(["predict", "-p", tfl, str(folder / "a_good.png"), "--out", out, "-q"]) == 0
+    assert main(["export", "-p", str(tmp_path / "missing")]) == 2
