@@ -111,8 +111,8 @@ def test_every_family_exports_to_litert_without_flex_with_float_parity(runs, cat
     assert len(meta["validation_scores"]) == len(x) and meta["operating_point"] is None
 
 
-@pytest.mark.parametrize("family", ["autoencoder", "padim"])
-@pytest.mark.parametrize("precision", ["float16", "dynamic", "int8"])
+@pytest.mark.parametrize("family,precision", [("autoencoder", "int8"), ("padim", "float16"), ("padim", "dynamic"),
+                                              ("padim", "int8")])
 def test_quantised_litert_exports_load_and_stay_builtin(runs, category, family, precision, tmp_path):
     out = str(tmp_path / f"{family}.tflite")
     assert export_cli(["-p", runs[family], "--precision", precision, "--calibration", "5", "--out", out, "-q"]) == 0
