@@ -18,7 +18,6 @@ Run it with ``nice`` on a shared machine; the latency figures then carry the loa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -11,7 +11,6 @@ import csv
 import os
 import sys
 
-import numpy as np
 
 from ..errors import InputError
 from ..fileio import staged_dir, write_json
