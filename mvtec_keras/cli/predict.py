@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     op = scorer.operating_point
     if scorer.fallback and not args.quiet:
         print(f"no finetune.json: image-score threshold {op['threshold']:.6g} at {args.fpr:g} false-positive rate "
-              f"on {op['n_validation']} validation normals")
+              f"on {op.get('chosen_on', 'the validation normals')}")
     s = predict_images(scorer, files, args.out, progress=not args.quiet)
     print(f"{s['n_scored']} scored, {s['n_anomalous']} anomalous, {s['n_unreadable']} unreadable; "
           f"wrote {os.path.abspath(args.out)}")

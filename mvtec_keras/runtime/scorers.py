@@ -14,40 +14,31 @@ from .images import read_image, to_model_input, to_uint8
 
 
 def fallback_operating_point(validation_scores, fpr: float) -> dict:
-    """An image-score decision at ``fpr`` on the validation normals (a run without finetune.json)."""
-    from ..thresholds import threshold_from_fpr
+    """The normal-only rule (``thresholds.normal_fpr``): an image-score threshold at ``fpr`` on validation normals."""
+    from ..thresholds import normal_fpr
 
     if not 0 <= fpr < 1:
         raise InputError(f"--fpr must be in [0, 1), got {fpr}")
-    t = threshold_from_fpr(np.asarray(validation_scores, np.float32), fpr)
-    return {"decision": "image_score", "threshold": t, "min_area": None, "mode": "validation_fpr",
-            "target_fpr": float(fpr), "n_validation": int(np.size(validation_scores))}
+    op = normal_fpr(np.asarray(validation_scores, np.float32), fpr)
+    op["source"] = "validation normals (no finetune.json)"
+    return op
 
 
 class KerasScorer:
     """A run folder: the detector configured by its operating point, images read by training's own ops."""
 
     def __init__(self, model_dir: str, fpr: float = 0.01, batch_size: int = 8):
-        from ..cli.common import category_from_info, validation_samples
         from ..cli.finetune import load_for_scoring
         from ..data.pipeline import Preprocessing
-        from ..operating_point import configure_detector, load_operating_point
+        from ..operating_point import load_operating_point, operating_point_for_run
 
-        op = load_operating_point(model_dir)
         self.detector, info = load_for_scoring(model_dir)
-        configure_detector(self.detector, op)
+        self.fallback = load_operating_point(model_dir) is None
+        # finetune.json, or the normal-only rule on the run's validation normals (configures the detector)
+        op = operating_point_for_run(model_dir, self.detector, batch_size, target_fpr=fpr)
         self.preprocessing = info["preprocessing"]
         self._prep = Preprocessing.from_dict(self.preprocessing)
         self.source = model_dir
-        self.fallback = op is None
-        if op is None:
-            from ..data import make_dataset
-
-            val = validation_samples(category_from_info(info), info)
-            if not val:
-                raise InputError(f"{model_dir}: no finetune.json and no validation images to set a threshold from")
-            res = self.detector.score(make_dataset(val, self._prep, batch_size))
-            op = fallback_operating_point(res.scores, fpr)
         self.operating_point = op
 
     def prepare(self, path):
