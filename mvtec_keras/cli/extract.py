@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         raise InputError(f"--out: {out} already holds a model; choose another folder")
     with output_dir(out):
         t0 = time.time()
-        detector.fit(train_ds)
+        detector.fit(train_ds, progress=not args.quiet)
         wall = time.time() - t0
         detector.save(out)
         info = {
