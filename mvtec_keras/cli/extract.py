@@ -73,6 +73,9 @@ def main(argv=None) -> None:
     if not args.quiet:
         print(cat.summary())
         print(f"fitting {method} on {len(train_s)} images ({args.backbone}, {prep.input_shape})")
+        from ..devices import describe
+
+        print(describe())
     train_ds = make_dataset(train_s, prep, args.batch_size)
     out = args.out or os.path.join("runs", cat.name, f"{method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "info.json")):
