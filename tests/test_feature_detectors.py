@@ -367,3 +367,103 @@ def test_coreset_equals_naive_farthest_point(active):
     assert list(got) == _naive_farthest(x.astype(np.float64), 60, 11)
     proj = fc.greedy_coreset(rng.normal(size=(300, 40)), 30, proj_dim=8, seed=1)
     assert len(set(proj.tolist())) == 30
+
+
+# --------------------------------------------------------------------------- bounded memory (issue 12)
+def test_padim_small_folds_and_inverse_blocks_equal_one_shot(data, monkeypatch):
+    """Tiny fold buffers and inverse blocks (the bounded-memory path) give the one-shot fit."""
+    from mvtec_keras.detectors import padim
+
+    train = data[0]
+    one = make(PadimDetector).fit(train, batch_size=len(train))
+    monkeypatch.setattr(fc, "STATS_CHUNK_BYTES", 1)  # every batch folds, one position per block
+    monkeypatch.setattr(padim, "INVERSE_BLOCK", 5)  # 64 positions in 13 uneven blocks
+    small = make(PadimDetector).fit(train, batch_size=5)
+    np.testing.assert_allclose(small.mean_, one.mean_, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(small.precision_, one.precision_, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(small.score_batch(data[1])[0]), np.asarray(one.score_batch(data[1])[0]),
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("fourth", [False, True])
+def test_gaussian_stats_merge_is_exact(fourth):
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (50, 4, 6))
+    whole = _stats(x, fourth=fourth)
+    a, b = _stats(x[:17], fourth=fourth), _stats(x[17:] + 0.0, fourth=fourth)
+    merged = a.merge(b)
+    assert merged.n == 50
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-10)
+    np.testing.assert_allclose(merged.covariance(), whole.covariance(), rtol=1e-9, atol=1e-12)
+    if fourth:
+        np.testing.assert_allclose(merged.sum_fourth(), whole.sum_fourth(), rtol=1e-9)
+    empty = fc.GaussianStats(fourth=fourth).merge(_stats(x, fourth=fourth))
+    np.testing.assert_allclose(empty.covariance(), whole.covariance(), rtol=1e-12)
+
+
+def test_patch_reservoir_keeps_everything_within_capacity_then_samples():
+    from mvtec_keras.detectors.patchcore import PatchReservoir
+
+    rows = np.arange(40, dtype=np.float32)[:, None]
+    r = PatchReservoir(100)
+    for i in range(0, 40, 7):
+        r.add(rows[i : i + 7])
+    np.testing.assert_array_equal(r.rows(), rows)  # within capacity: all rows, in order
+    # Beyond capacity: equal to the textbook one-row-at-a-time Algorithm R with the same draws.
+    r, cap = PatchReservoir(10, seed=3), 10
+    for i in range(0, 40, 7):
+        r.add(rows[i : i + 7])
+    rng, ref = np.random.default_rng(3), list(rows[:cap, 0])
+    for lo in range(0, 40, 7):
+        t0 = max(lo, cap)
+        if t0 >= min(lo + 7, 40):
+            continue
+        t = np.arange(t0, min(lo + 7, 40))
+        for tt, j in zip(t, rng.integers(0, t + 1)):
+            if j < cap:
+                ref[j] = float(tt)
+    assert r.seen == 40 and len(r.rows()) == cap
+    np.testing.assert_array_equal(r.rows()[:, 0], ref)
+    # roughly uniform: every row has a 10/40 chance; over many seeds each is kept ~25 % of the time
+    kept = np.zeros(40)
+    for seed in range(300):
+        r = PatchReservoir(10, seed=seed)
+        for i in range(0, 40, 7):
+            r.add(rows[i : i + 7])
+        kept[r.rows()[:, 0].astype(int)] += 1
+    assert 0.15 < kept.min() / 300 and kept.max() / 300 < 0.35
+
+
+def test_patchcore_memory_budget(data):
+    train = data[0]
+    base = make(PatchcoreDetector, coreset_ratio=0.25).fit(train)
+    roomy = make(PatchcoreDetector, coreset_ratio=0.25, memory_budget_mb=64).fit(train)
+    np.testing.assert_array_equal(roomy.memory_bank_, base.memory_bank_)  # fits the budget: same bank
+    c = base.memory_bank_.shape[1]
+    budget = (200 * 4 * c + 1) / 2**20  # room for exactly 200 of the 24 * 64 = 1536 patches
+    tight = make(PatchcoreDetector, coreset_ratio=0.25, memory_budget_mb=budget).fit(train, batch_size=5)
+    assert tight.n_train_patches_ == 1536 and tight.n_sampled_patches_ == 200
+    assert tight.memory_bank_size_ == 50  # the ratio applies to the sample
+    # the sample is made of real training patches
+    all_patches = np.asarray(base.patch_features(train)).reshape(-1, c)
+    d = np.abs(tight.memory_bank_[:, None, :] - all_patches[None]).max(-1).min(-1)
+    assert d.max() < 1e-5
+    with pytest.raises(InputError, match="memory_budget_mb"):
+        make(PatchcoreDetector, memory_budget_mb=0).fit(train)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_fit_shows_progress_bar(cls, data, capsys):
+    make(cls).fit(data[0], batch_size=8, progress=True)
+    err = capsys.readouterr().err
+    assert "fitting:" in err and "/3 " in err  # a bar with the batch total (updates are rate-limited)
+
+
+def test_iter_score_streams_what_score_returns(data):
+    det = make(PadimDetector).fit(data[0])
+    res = det.score(data[1], batch_size=5)
+    parts = list(det.iter_score(data[1], batch_size=5))
+    assert [len(s) for _, s, _ in parts] == [5, 5, 2]
+    np.testing.assert_allclose(np.concatenate([s for _, s, _ in parts]), res.scores, rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([m for _, _, m in parts]), res.maps, rtol=1e-6)
+    assert det.score(data[1], batch_size=5, keep_maps=False).maps is None

@@ -78,13 +78,16 @@ def main(argv=None) -> None:
     if not args.quiet:
         print(cat.summary())
         print(f"fitting {method} on {len(train_s)} images ({args.backbone}, {prep.input_shape})")
+        from ..devices import describe
+
+        print(describe())
     train_ds = make_dataset(train_s, prep, args.batch_size)
     out = args.out or os.path.join("runs", cat.name, f"{method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "info.json")):
         raise InputError(f"--out: {out} already holds a model; choose another folder")
     with output_dir(out):
         t0 = time.time()
-        detector.fit(train_ds)
+        detector.fit(train_ds, progress=not args.quiet)
         wall = time.time() - t0
         detector.save(out)
         info = {

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "standardised scores; steadier than one GAN, K times the training (default 1)")
     p.add_argument("--jit", action="store_true", help="XLA jit_compile (slower on CPU; measure first)")
     p.add_argument("--precision", default="float32",
-                   help="float32 | mixed_bfloat16 | auto (bfloat16 compute with float32 weights is several times "
-                        "faster on CPUs with AVX512-BF16; auto picks it there; see docs/bench_ae_throughput.md)")
+                   help="float32 | mixed_bfloat16 | mixed_float16 | auto (auto: mixed_float16 on GPUs of compute "
+                        "capability >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 otherwise; "
+                        "see docs/bench_ae_throughput.md)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -137,6 +138,9 @@ def main(argv=None) -> None:
     if not args.quiet:
         print(cat.summary())
         print(f"training on {len(train_s)} images, validating on {len(val_s)}; {arch}, {prep.input_shape}")
+        from ..devices import describe
+
+        print(describe())
     if not 0 <= args.rotation <= 180:
         raise InputError(f"--rotation must be between 0 and 180 degrees, got {args.rotation}")
     augment = None if args.no_augment else Augmentation(

@@ -15,27 +15,21 @@ import numpy as np
 import tensorflow as tf
 
 from .. import residuals
+from ..devices import PRECISIONS
 from ..errors import InputError
 from ..training import fresh_workdir, lr_range_test, standard_callbacks
 from .base import Detector, read_json_state, reading_state, register_detector
 
 MODEL_FILE = "model.keras"
-PRECISIONS = ("float32", "mixed_bfloat16")
 #: image-score reductions of the (blurred) residual map that finetune.py chooses from
 SCORE_REDUCTIONS = ("max", "mean", "topk")
 
 
 def fast_precision() -> str:
-    """``mixed_bfloat16`` where the CPU has native bfloat16 (AVX512-BF16 / AMX), else ``float32``.
+    """The ``--precision auto`` choice for the devices present (see :func:`mvtec_keras.devices.auto_precision`)."""
+    from ..devices import auto_precision
 
-    Without native support bfloat16 is emulated and slower than float32.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "float32"
-    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    return auto_precision()
 
 
 def _pairs(data, batch_size):
@@ -100,8 +94,11 @@ class AutoencoderDetector(Detector):
     # -- model ---------------------------------------------------------------
     def _compile(self, model: keras.Model, lr: float) -> None:
         loss_fn = residuals.get_loss(self.loss)
+        optimizer = keras.optimizers.Adam(learning_rate=lr)
+        if self.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=lr),
+            optimizer=optimizer,
             loss=loss_fn,
             metrics=[residuals.ssim_metric, residuals.l2_loss],
             jit_compile=self.jit_compile,
@@ -118,9 +115,15 @@ class AutoencoderDetector(Detector):
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(self.precision)
         try:
-            return build_autoencoder(self.architecture, input_shape=self.input_shape)
+            model = build_autoencoder(self.architecture, input_shape=self.input_shape)
         finally:
             keras.config.set_dtype_policy(previous)
+        if self.precision != "float32":
+            # Reconstructions leave the model in float32 (losses, residual maps and the
+            # float16 loss scaling that Keras adds in compile then see float32).
+            out = keras.layers.Activation("linear", dtype="float32", name="output_float32")(model.outputs[0])
+            model = keras.Model(model.inputs, out, name=model.name)
+        return model
 
     # -- fit -----------------------------------------------------------------
     def _fit(self, train, validation=None, workdir: Optional[str] = None, resume: bool = False, verbose=1,

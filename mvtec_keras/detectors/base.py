@@ -132,16 +132,30 @@ class Detector:
         """Score one batch. Returns ``(scores [B], maps [B, H, W] or None)`` as tensors."""
         raise NotImplementedError
 
-    def score(self, data, batch_size: int = 16, keep_images: bool = False, progress: bool = False) -> ScoreResult:
-        """Score a dataset (dict elements) or an array of images, batch by batch."""
+    def iter_score(self, data, batch_size: int = 16, progress: bool = False):
+        """Score batch by batch: yields ``(batch, scores [B], maps [B, H, W] or None)`` as numpy.
+
+        Memory stays flat in the number of images (nothing is accumulated), for
+        test sets too large to hold every map.
+        """
         self._check_fitted()
-        scores, maps, labels, masks, paths, dtypes, images = [], [], [], [], [], [], []
         for batch in _iterate_batches(data, batch_size, progress):
+            s, m = self.score_batch(batch["image"])
+            yield batch, np.asarray(s, dtype=np.float32).reshape(-1), (None if m is None else np.asarray(m, np.float32))
+
+    def score(self, data, batch_size: int = 16, keep_images: bool = False, progress: bool = False,
+              keep_maps: bool = True) -> ScoreResult:
+        """Score a dataset (dict elements) or an array of images, batch by batch.
+
+        ``keep_maps=False`` drops the anomaly maps ([N, H, W] float32, 200 kB per
+        224 px image) so that memory stays flat in the test-set size.
+        """
+        scores, maps, labels, masks, paths, dtypes, images = [], [], [], [], [], [], []
+        for batch, s, m in self.iter_score(data, batch_size, progress):
             x = batch["image"]
-            s, m = self.score_batch(x)
-            scores.append(np.asarray(s, dtype=np.float32).reshape(-1))
-            if m is not None:
-                maps.append(np.asarray(m, dtype=np.float32))
+            scores.append(s)
+            if m is not None and keep_maps:
+                maps.append(m)
             if "label" in batch:
                 labels.append(np.asarray(batch["label"]).reshape(-1))
             if "mask" in batch:
@@ -253,8 +267,31 @@ def _strings(t):
     return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(t).reshape(-1).tolist()]
 
 
-def _iterate_batches(data, batch_size, progress):
-    """Yield dict batches from a tf.data.Dataset of dicts, a dict of arrays, or an image array."""
+def _iterate_batches(data, batch_size, progress, desc: str = "scoring"):
+    """Yield dict batches from a tf.data.Dataset of dicts, a dict of arrays, or an image array.
+
+    ``progress`` shows a tqdm bar named ``desc`` (with a total where the length is known).
+    """
+    batches = _batches(data, batch_size)
+    if not progress:
+        yield from batches
+        return
+    from tqdm.auto import tqdm
+
+    total = None
+    if isinstance(data, dict):
+        total = -(-len(data["image"]) // batch_size)
+    elif isinstance(data, np.ndarray) or (hasattr(data, "shape") and not isinstance(data, dict)):
+        total = -(-len(data) // batch_size)
+    else:
+        try:
+            total = len(data)  # tf.data: TypeError when the cardinality is unknown
+        except TypeError:
+            pass
+    yield from tqdm(batches, desc=desc, unit="batch", total=total, leave=False)
+
+
+def _batches(data, batch_size):
     if isinstance(data, np.ndarray) or (hasattr(data, "shape") and not isinstance(data, dict)):
         arr = np.asarray(data, dtype=np.float32)
         if arr.ndim == 3:
@@ -267,10 +304,5 @@ def _iterate_batches(data, batch_size, progress):
         for i in range(0, n, batch_size):
             yield {k: v[i : i + batch_size] for k, v in data.items()}
         return
-    it = data
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(data, desc="scoring", unit="batch", leave=False)
-    for batch in it:
+    for batch in data:
         yield {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in batch.items()}

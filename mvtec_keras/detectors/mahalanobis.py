@@ -44,12 +44,12 @@ class MahalanobisDetector(BackboneMixin, Detector):
         self.npca_variance = npca_variance
 
     # -- fitting ---------------------------------------------------------------
-    def _fit(self, train, validation=None, batch_size: int = 16, **kwargs) -> None:
+    def _fit(self, train, validation=None, batch_size: int = 16, progress: bool = False, **kwargs) -> None:
         if self.npca_variance is not None and not 0.0 < float(self.npca_variance) < 1.0:
             raise InputError(f"npca_variance must be in (0, 1), got {self.npca_variance}")
         levels = self._needed_levels()
         stats = [GaussianStats(fourth=True) for _ in levels]
-        for x in iter_images(train, batch_size):
+        for x in iter_images(train, batch_size, progress):
             for st, f in zip(stats, self._features(x, levels)):
                 st.update(ops.convert_to_numpy(pooled(f)))
         if stats[0].n < 2:

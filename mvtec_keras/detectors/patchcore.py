@@ -7,6 +7,12 @@ adaptive average pooling over the channel axis. The memory bank is a greedy
 k-center coreset (``coreset_ratio`` of the training patches, computed in a
 random ``proj_dim`` projection, at most ``max_bank_size`` patches).
 
+Fit memory is bounded by ``memory_budget_mb``: the training patches are kept
+as they stream in until they fill the budget; beyond it a seeded uniform
+reservoir sample of that many patches is kept (the bank is subsampled on the
+fly), and the coreset (``coreset_ratio`` of the sample) is taken from it. A
+training set that fits the budget gives exactly the bank of a fit without one.
+
 Scoring: distance of every test patch to its nearest bank patch gives the
 map (upsampled, blurred). The image score is the largest patch distance
 ``s*``, reweighted as in the paper by ``1 - softmax`` of the distances from
@@ -42,6 +48,7 @@ class PatchcoreDetector(BackboneMixin, Detector):
         embed_dim=None,
         coreset_ratio=0.1,
         max_bank_size=100_000,
+        memory_budget_mb=256,
         proj_dim=128,
         num_neighbors=9,
         sigma=4.0,
@@ -52,6 +59,7 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self.embed_dim = embed_dim
         self.coreset_ratio = coreset_ratio
         self.max_bank_size = max_bank_size
+        self.memory_budget_mb = memory_budget_mb
         self.proj_dim = proj_dim
         self.num_neighbors = num_neighbors
         self.sigma = sigma
@@ -72,23 +80,27 @@ class PatchcoreDetector(BackboneMixin, Detector):
         return x
 
     # -- fitting ---------------------------------------------------------------
-    def _fit(self, train, validation=None, batch_size: int = 16, **kwargs) -> None:
+    def _fit(self, train, validation=None, batch_size: int = 16, progress: bool = False, **kwargs) -> None:
         if not 0.0 < float(self.coreset_ratio) <= 1.0:
             raise InputError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if int(self.max_bank_size) < 1:
             raise InputError(f"max_bank_size must be >= 1, got {self.max_bank_size}")
-        chunks, shape = [], None
-        for x in iter_images(train, batch_size):
+        if not float(self.memory_budget_mb) > 0:
+            raise InputError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+        sample, shape = None, None
+        for x in iter_images(train, batch_size, progress):
             f = ops.convert_to_numpy(self.patch_features(x))
             if shape is None:
                 shape = f.shape[1:3]
+                cap = max(1, int(float(self.memory_budget_mb) * 2**20) // (4 * f.shape[-1]))
+                sample = PatchReservoir(cap, seed=int(self.seed))
             elif f.shape[1:3] != shape:
                 raise InputError(f"training images give feature maps {f.shape[1:3]}, earlier ones {shape}")
-            chunks.append(f.reshape(-1, f.shape[-1]))
-        if not chunks:
+            sample.add(f.reshape(-1, f.shape[-1]))
+        if sample is None:
             raise InputError("PatchCore got no training images")
-        patches = np.concatenate(chunks)
-        del chunks
+        patches, n_seen = sample.rows(), sample.seen
+        del sample
         n_keep = min(int(math.ceil(float(self.coreset_ratio) * len(patches))), int(self.max_bank_size))
         if n_keep >= len(patches):
             idx = np.arange(len(patches))
@@ -98,7 +110,8 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self.memory_bank_ = np.ascontiguousarray(patches[idx], dtype=np.float32)
         self.memory_bank_size_ = len(self.memory_bank_)
         self.feature_shape_ = np.asarray(shape, dtype=np.int64)
-        self.n_train_patches_ = len(patches)
+        self.n_train_patches_ = n_seen
+        self.n_sampled_patches_ = len(patches)
         self._warm_up()
 
     # -- scoring ---------------------------------------------------------------
@@ -160,6 +173,7 @@ class PatchcoreDetector(BackboneMixin, Detector):
             memory_bank=self.memory_bank_,
             feature_shape=self.feature_shape_,
             n_train_patches=np.int64(self.n_train_patches_),
+            n_sampled_patches=np.int64(self.n_sampled_patches_),
         )
         self._save_extractor(dirpath)
 
@@ -169,9 +183,47 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self.memory_bank_size_ = len(self.memory_bank_)
         self.feature_shape_ = a["feature_shape"]
         self.n_train_patches_ = int(a["n_train_patches"])
+        # folders saved before the budget existed sampled nothing
+        self.n_sampled_patches_ = int(a.get("n_sampled_patches", self.n_train_patches_))
         self._cache = None
         self._load_extractor(dirpath)
         self._warm_up()
+
+
+class PatchReservoir:
+    """At most ``capacity`` rows of a stream: all of them while they fit, in arrival order;
+    beyond that a seeded uniform sample (reservoir sampling, Algorithm R, one batch at a time)."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = int(capacity)
+        self.seen = 0
+        self._parts, self._full = [], None
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float32)
+        if self._full is None:
+            room = self.capacity - self.seen
+            self._parts.append(rows[:room])
+            self.seen += len(rows[:room])
+            rows = rows[room:]
+            if self.seen < self.capacity:
+                return
+            self._full = np.concatenate(self._parts)
+            self._parts = []
+        if not len(rows):
+            return
+        # Row number t (0-based) replaces a random slot j <= t when j < capacity.
+        t = self.seen + np.arange(len(rows))
+        j = self._rng.integers(0, t + 1)
+        keep = j < self.capacity
+        self._full[j[keep]] = rows[keep]  # repeated slots: the later row wins, as in the loop
+        self.seen += len(rows)
+
+    def rows(self) -> np.ndarray:
+        if self._full is not None:
+            return self._full
+        return np.concatenate(self._parts) if self._parts else np.zeros((0, 0), np.float32)
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -56,13 +56,13 @@ class SpadeDetector(BackboneMixin, Detector):
         return pooled(feats[int(self.image_level)]), [feats[int(v)] for v in self.map_levels]
 
     # -- fitting ---------------------------------------------------------------
-    def _fit(self, train, validation=None, batch_size: int = 16, **kwargs) -> None:
+    def _fit(self, train, validation=None, batch_size: int = 16, progress: bool = False, **kwargs) -> None:
         if int(self.k) < 1 or int(self.max_bank_images) < 1:
             raise InputError(f"k and max_bank_images must be >= 1, got {self.k} and {self.max_bank_images}")
         cap = int(self.max_bank_images)
         rng = np.random.default_rng(int(self.seed))
         bank, seen = [], 0  # entries: (pooled vector, [per-level maps])
-        for x in iter_images(train, batch_size):
+        for x in iter_images(train, batch_size, progress):
             g, maps = self._split(x)
             g = ops.convert_to_numpy(g)
             maps = [ops.convert_to_numpy(m) for m in maps]
