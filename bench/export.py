@@ -140,18 +140,26 @@ def main():
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    from mvtec_keras.fileio import write_json
+
+    path = os.path.join(args.out, "results.json")
     results = {}
+    if os.path.isfile(path):  # methods run earlier into the same --out keep their rows
+        import json
+
+        with open(path) as f:
+            results = json.load(f)
     for method in args.methods.split(","):
-        print(f"{method}:", flush=True)
+        load = os.getloadavg()[0]
+        print(f"{method}: (load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
         run = build_run(method, args.data, os.path.join(args.out, method), args.cae_epochs)
         results[method] = evaluate(method, run, args.latency_runs)
         rows = results[method]
+        rows["load_average_at_start"] = load
         drop = rows["keras"]["image_auroc"] - rows["litert_int8"]["image_auroc"]
         print(f"  int8 image AUROC drop {drop:+.4f} (target <= 0.01); int8 latency "
               f"{rows['litert_int8']['latency_ms']:.1f} ms (target <= {TARGET_MS[method]:g} ms)", flush=True)
-        from mvtec_keras.fileio import write_json
-
-        write_json(os.path.join(args.out, "results.json"), results)
+        write_json(path, results)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,12 @@ class BackboneMixin:
     def _features(self, images, levels) -> list:
         """Run the extractor; returns the requested levels as a list of tensors."""
         ext, x = self.extractor, to_rgb(images)
-        if not tf.executing_eagerly():
+        source = getattr(self, "_feature_source", None)
+        if source is not None and tf.executing_eagerly():
+            # another implementation of the same backbone (export: its int8 model), used for fitting and
+            # scoring eagerly; traced graphs always read the Keras backbone
+            out = source(images)
+        elif not tf.executing_eagerly():
             # Inside a trace (an export graph): call the model directly so static shapes,
             # the batch size included, survive into the graph.
             out = ext(x, training=False)
@@ -99,7 +104,7 @@ class BackboneMixin:
             # A traced graph runs the backbone ~2x faster than eager dispatch; any batch size, one trace.
             self._extract_fn = batch_function(lambda t: ext(t, training=False), x)
             self._extract_for = (id(ext), tuple(x.shape[1:]))
-        if tf.executing_eagerly():
+        if tf.executing_eagerly() and source is None:
             out = self._extract_fn(x)
         try:
             return [out[f"level{int(lv)}"] for lv in levels]

@@ -7,10 +7,9 @@ weights, and a fixed batch keeps nearest-neighbour upsampling off the Flex
 ``tf.lite.Interpreter`` carries Flex, so such a file would fail at load time;
 a conversion that needs one fails here with the op named.
 
-int8 is full-integer post-training quantisation calibrated on the run's own
-training images; ops without an int8 kernel fall back to float builtins.
-Input stays uint8 (the image), outputs float32. No op is held in float on
-purpose yet (see docs/export.md: a float distance head is future work).
+int8 (see :mod:`.quantize`): the network in int8, calibrated on the run's own
+training images, every op outside it in float. Input stays uint8 (the image),
+outputs float32.
 """
 
 from __future__ import annotations
@@ -31,10 +30,11 @@ def write_saved_model(archive, path: str) -> None:
     archive.write_out(path, verbose=False)
 
 
-def to_litert(saved_model_dir: str, precision: str = "float32", representative=None) -> bytes:
+def to_litert(saved_model_dir: str, precision: str = "float32", representative=None, network_prefixes=()) -> bytes:
     """Convert the ``serve`` signature of a SavedModel to a LiteRT flatbuffer.
 
-    ``representative``: callable yielding ``[uint8 image batch]`` lists (int8 only).
+    int8 only: ``representative``, a callable yielding ``[uint8 image batch]`` lists;
+    ``network_prefixes``, the op-name prefixes quantised to int8 (the rest stays float).
     """
     if precision not in PRECISIONS:
         raise NotExportable(f"--precision: unknown '{precision}'; choose {', '.join(PRECISIONS)}")
@@ -46,16 +46,19 @@ def to_litert(saved_model_dir: str, precision: str = "float32", representative=N
             c.optimizations = [tf.lite.Optimize.DEFAULT]
         if precision == "float16":
             c.target_spec.supported_types = [tf.float16]
-        if precision == "int8":
-            if representative is None:
-                raise ValueError("int8 needs a representative dataset")
-            c.representative_dataset = representative
-            # int8 kernels where they exist, float builtins for the rest (and for the denylist)
-            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         return c
 
     try:
-        flat = converter().convert()
+        if precision == "int8":
+            from .quantize import int8_litert
+
+            if representative is None:
+                raise ValueError("int8 needs a representative dataset")
+            flat = int8_litert(saved_model_dir, representative, network_prefixes)
+        else:
+            flat = converter().convert()
+    except NotExportable:
+        raise
     except Exception as e:  # noqa: BLE001 - the converter raises many types; one line names the cause
         raise NotExportable(f"LiteRT {precision} conversion failed: {_first_line(e)}") from None
     flex = flex_ops(flat)

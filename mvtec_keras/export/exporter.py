@@ -81,19 +81,33 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
         raise InputError(f"--out: {out} exists; remove it or choose another path")
     val_u8 = _uint8_images(val or train, prep, 10_000)
     calib = _uint8_images(train, prep, int(calibration)) if precision == "int8" else None
+    refit = precision == "int8" and hasattr(det, "extractor")
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
+        from .quantize import network_prefixes, refit_on_int8_features
+
         batch = 1 if fmt == "litert" or needs_static_batch(det) else None
-        archive = build_archive(det, shape, op, batch_size=batch)
         sm = os.path.join(work, "saved_model")
-        converters.write_saved_model(archive, sm)
+
+        def convert():
+            shutil.rmtree(sm, ignore_errors=True)
+            converters.write_saved_model(build_archive(det, shape, op, batch_size=batch), sm)
+            if fmt != "litert":
+                return None
+            rep = converters.representative_from(calib) if calib is not None else None
+            return converters.to_litert(sm, precision, rep, network_prefixes(det))
+
+        flat = convert()
+        if refit:  # head refitted on the int8 backbone's features, then the graph converted again
+            refit_on_int8_features(det, _uint8_images(train, prep, 100_000), flat)
+            if op is not None:  # the head's scores moved: choose the point again, by the same rule
+                op = _rederive_operating_point(op, det, val_u8, cat, prep)
+            flat = convert()
         ops = None
         if fmt == "litert":
-            rep = converters.representative_from(calib) if calib is not None else None
-            flat = converters.to_litert(sm, precision, rep)
             ops = converters.builtin_ops(flat)
             made = os.path.join(work, "model.tflite")
             with open(made, "wb") as f:
@@ -112,8 +126,21 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
         meta["validation_images"] = int(len(val_u8)) if val else 0
         if precision == "int8":
             meta["calibration_images"] = int(len(calib))
-            meta["int8_note"] = ("full-integer post-training quantisation (uint8 in, float32 out); ops without "
-                                 "an int8 kernel run in float; no op is kept float on purpose")
+            meta["int8"] = {
+                "quantised": f"the network ({', '.join(network_prefixes(det))}) in int8, calibrated on "
+                             f"{len(calib)} training images",
+                "kept_float": "everything outside the network: input scaling and colour, the "
+                              + ("feature distance (Gaussian / nearest-neighbour) head, " if refit else
+                                 "residual map or latent distance, ")
+                              + "upsampling, blur and the score reduction",
+                "head_refitted_on_int8_features": bool(refit),
+                "parity_reference": ("the Keras head refitted on the int8 backbone's features of the training "
+                                     "images, scoring those int8 features" if refit else
+                                     "the float Keras detector"),
+            }
+            if refit and op is not None:
+                meta["int8"]["operating_point_note"] = ("chosen again by the run's rule on the int8 scores of "
+                                                        "the same validation / finetune images")
         write_metadata(os.path.join(work, "meta.json"), meta)
         os.replace(made, out)
         os.replace(os.path.join(work, "meta.json"), metadata_path(out))
@@ -126,6 +153,32 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
                                                        if parity.get("max_map_abs_diff") is not None else ""))
     meta["path"] = out
     return meta
+
+
+def _rederive_operating_point(op: dict, det, val_u8, cat, prep) -> dict:
+    """``op``'s rule applied again to ``det``'s scores (after an int8 refit), on the images it was chosen on."""
+    from .. import thresholds
+
+    def score(images_u8):
+        res = det.score(images_u8.astype(np.float32) / 255.0, batch_size=8)
+        return res.scores, res.maps
+
+    val_s, val_m = score(val_u8)
+    ft_files = set(op.get("finetune_files") or [])
+    ft = [s for s in cat.test if s.path in ft_files]
+    ft_s = ft_m = labels = None
+    if ft:
+        ft_s, ft_m = score(_uint8_images(ft, prep, len(ft)))
+        labels = np.array([s.label for s in ft])
+    map_decisions = op.get("decision") == "segmentation"
+    new, _ = thresholds.choose_operating_point(
+        op.get("requested_rule", op["rule"]), val_scores=val_s, val_maps=val_m if map_decisions else None,
+        ft_scores=ft_s, ft_maps=ft_m if map_decisions else None, ft_labels=labels, map_decisions=map_decisions,
+        gaussian=det.gaussian_score_model() if op["rule"] == "chi2" else None,
+        target_fpr=float(op.get("target_fpr") or 0.01), fpr_min_area=int(op.get("min_area") or 25),
+        dtype=op.get("dtype", "float32"))
+    kept = {k: v for k, v in op.items() if k not in new and k not in ("score", "tpr", "tnr", "relaxed")}
+    return {**kept, **new, "chosen_on": f"{new.get('chosen_on', '')} (int8 scores)".strip()}
 
 
 def _size(path):
@@ -161,7 +214,8 @@ def _parity(det, images_u8, scores, maps) -> dict:
     ref_s = np.concatenate(ref_s)
     rel = np.abs(scores - ref_s) / np.maximum(np.abs(ref_s), 1e-12)
     out = {"n_images": int(len(x)), "reference": "the Keras detector on the same uint8 images",
-           "max_score_rel_diff": float(rel.max()), "max_map_abs_diff": None}
+           "max_score_rel_diff": float(rel.max()), "max_score_abs_diff": float(np.abs(scores - ref_s).max()),
+           "max_map_abs_diff": None}
     if maps is not None and ref_m:
         out["max_map_abs_diff"] = float(np.abs(maps - np.concatenate(ref_m)).max())
     return out
