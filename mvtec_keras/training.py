@@ -80,9 +80,41 @@ def standard_callbacks(
             keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"), delete_checkpoint=True),
             keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
         ]
-        if tensorboard:
+        if tensorboard and _tensorflow_available():  # TensorBoard writes through tf.summary
             cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), write_graph=False))
     return cbs, guard
+
+
+def _tensorflow_available() -> bool:
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class ArrayPairs(keras.utils.PyDataset):
+    """``(x, x)`` batches of an image array in order, for autoencoder training without tf.data
+    (Keras backends other than TensorFlow); :meth:`repeat` cycles them, as ``tf.data``'s does."""
+
+    def __init__(self, images, batch_size: int, repeats: int = 1):
+        super().__init__()
+        self.images = np.asarray(images, np.float32)
+        self.batch_size = int(batch_size)
+        self.n_batches = -(-len(self.images) // self.batch_size)
+        self.repeats = repeats
+
+    def __len__(self):
+        return self.n_batches * self.repeats
+
+    def __getitem__(self, i):
+        lo = (i % self.n_batches) * self.batch_size
+        x = self.images[lo : lo + self.batch_size]
+        return x, x
+
+    def repeat(self):
+        # Long enough for any sweep; fit stops at its steps_per_epoch.
+        return ArrayPairs(self.images, self.batch_size, repeats=1 << 20)
 
 
 class _LRSweep(keras.callbacks.Callback):

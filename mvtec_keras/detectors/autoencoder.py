@@ -12,12 +12,11 @@ from typing import Optional, Union
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from .. import residuals
+from .. import backends, residuals
 from ..devices import PRECISIONS
 from ..errors import InputError
-from ..training import fresh_workdir, lr_range_test, standard_callbacks
+from ..training import ArrayPairs, fresh_workdir, lr_range_test, standard_callbacks
 from .base import Detector, read_json_state, reading_state, register_detector
 
 MODEL_FILE = "model.keras"
@@ -34,9 +33,13 @@ def fast_precision() -> str:
 
 def _pairs(data, batch_size):
     """(x, x) batches for autoencoder training from a dict dataset or an array."""
-    if isinstance(data, tf.data.Dataset):
+    if backends.is_tf_dataset(data):
         return data.map(lambda b: (b["image"], b["image"]))
     arr = np.asarray(data, np.float32)
+    if not backends.is_tensorflow():
+        return ArrayPairs(arr, batch_size)
+    import tensorflow as tf
+
     return tf.data.Dataset.from_tensor_slices((arr, arr)).batch(batch_size)
 
 
@@ -101,7 +104,7 @@ class AutoencoderDetector(Detector):
             optimizer=optimizer,
             loss=loss_fn,
             metrics=[residuals.ssim_metric, residuals.l2_loss],
-            jit_compile=self.jit_compile,
+            jit_compile=backends.fit_jit_compile(self.jit_compile),
         )
 
     def build_model(self) -> keras.Model:
@@ -175,14 +178,18 @@ class AutoencoderDetector(Detector):
     def _predict(self, images):
         if not hasattr(self, "_predict_fn"):
             model = self.model_
+            if not backends.is_tensorflow():
+                self._predict_fn = backends.jit(lambda x: model(x, training=False), model.variables)
+            else:
+                import tensorflow as tf
 
-            # One traced function per detector: Python-side model calls retrace otherwise.
-            @tf.function(reduce_retracing=True, autograph=False)
-            def predict(x):
-                return model(x, training=False)
+                # One traced function per detector: Python-side model calls retrace otherwise.
+                @tf.function(reduce_retracing=True, autograph=False)
+                def predict(x):
+                    return model(x, training=False)
 
-            self._predict_fn = predict
-        return self._predict_fn(tf.convert_to_tensor(images, tf.float32))
+                self._predict_fn = predict
+        return self._predict_fn(backends.as_float32(images))
 
     def residual_maps(self, images, reconstructions):
         return residuals.residual_map(images, reconstructions, method=self.residual)
@@ -209,12 +216,17 @@ class AutoencoderDetector(Detector):
         # retraced only when the residual settings change (finetune.py -m).
         key = (self.residual, self.score_sigma, self.score_reduction, self.map_sigma)
         if getattr(self, "_score_key", None) != key:
-            # One signature for every batch size: the same graph (and bit-identical scores)
-            # whatever batches came before, e.g. after save / load.
-            spec = tf.TensorSpec([None, *self.model_.input_shape[1:]], tf.float32)
-            self._score_fn = tf.function(self.scoring_graph, input_signature=[spec], autograph=False)
+            if backends.is_tensorflow():
+                import tensorflow as tf
+
+                # One signature for every batch size: the same graph (and bit-identical scores)
+                # whatever batches came before, e.g. after save / load.
+                spec = tf.TensorSpec([None, *self.model_.input_shape[1:]], tf.float32)
+                self._score_fn = tf.function(self.scoring_graph, input_signature=[spec], autograph=False)
+            else:
+                self._score_fn = backends.jit(self.scoring_graph, self.model_.variables)
             self._score_key = key
-        return self._score_fn(tf.convert_to_tensor(images, tf.float32))
+        return self._score_fn(backends.as_float32(images))
 
     # -- persistence ---------------------------------------------------------
     def _save_state(self, dirpath: str) -> None:

@@ -50,10 +50,12 @@ def register_detector(name: str):
 
 def detector_class(name: str) -> type:
     # Importing the package registers every built-in detector.
-    from . import _import_all  # noqa: F401
+    from . import _import_all
 
     if name not in _REGISTRY:
-        raise InputError(f"unknown detector '{name}'; choose from {', '.join(sorted(_REGISTRY))}")
+        missing = _import_all.NEEDS_TENSORFLOW
+        hint = f" (the {', '.join(missing)} detectors need TensorFlow, which is not installed)" if missing else ""
+        raise InputError(f"unknown detector '{name}'; choose from {', '.join(sorted(_REGISTRY))}{hint}")
     return _REGISTRY[name]
 
 

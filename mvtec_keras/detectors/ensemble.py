@@ -18,8 +18,9 @@ import inspect
 import os
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from .. import backends
 from ..errors import InputError
 from .base import Detector, _iterate_batches, detector_class, load_arrays, load_detector, register_detector, save_arrays
 
@@ -128,19 +129,24 @@ class SeedEnsemble(Detector):
     def score_batch(self, images):
         self._check_fitted()
         if getattr(self, "_score_fn", None) is None:
-            self._score_fn = tf.function(self._score_graph, reduce_retracing=True)
-        return self._score_fn(tf.convert_to_tensor(images, tf.float32))
+            if backends.is_tensorflow():
+                import tensorflow as tf
+
+                self._score_fn = tf.function(self._score_graph, reduce_retracing=True)
+            else:  # each member compiles its own scoring; the combination is a few ops
+                self._score_fn = self._score_graph
+        return self._score_fn(backends.as_float32(images))
 
     def _score_graph(self, x):
         outputs = [m.score_batch(x) for m in self.members_]
-        center = tf.constant(self.center_)
-        scale = tf.constant(self.scale_)
-        scores = tf.stack([tf.cast(s, tf.float32) for s, _ in outputs], axis=0)  # [K, B]
-        score = tf.reduce_mean((scores - center[:, None]) / scale[:, None], axis=0)
+        center = ops.convert_to_tensor(self.center_)
+        scale = ops.convert_to_tensor(self.scale_)
+        scores = ops.stack([ops.cast(s, "float32") for s, _ in outputs], axis=0)  # [K, B]
+        score = ops.mean((scores - center[:, None]) / scale[:, None], axis=0)
         maps = [m for _, m in outputs]
         if any(m is None for m in maps):
             return score, None
-        return score, tf.reduce_mean(tf.stack([tf.cast(m, tf.float32) for m in maps], axis=0), axis=0)
+        return score, ops.mean(ops.stack([ops.cast(m, "float32") for m in maps], axis=0), axis=0)
 
     # -- persistence ---------------------------------------------------------
     def _save_state(self, dirpath):

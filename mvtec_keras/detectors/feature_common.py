@@ -18,10 +18,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 import keras
-import tensorflow as tf
 from keras import ops
 from threadpoolctl import threadpool_limits
 
+from .. import backends
 from ..errors import InputError
 from .base import _iterate_batches, reading_state
 
@@ -91,29 +91,41 @@ class BackboneMixin:
     def _features(self, images, levels) -> list:
         """Run the extractor; returns the requested levels as a list of tensors."""
         ext, x = self.extractor, to_rgb(images)
-        source = getattr(self, "_feature_source", None)
-        if source is not None and tf.executing_eagerly():
-            # another implementation of the same backbone (export: its int8 model), used for fitting and
-            # scoring eagerly; traced graphs always read the Keras backbone
-            out = source(images)
-        elif not tf.executing_eagerly():
-            # Inside a trace (an export graph): call the model directly so static shapes,
-            # the batch size included, survive into the graph.
-            out = ext(x, training=False)
-        elif getattr(self, "_extract_for", None) != (id(ext), tuple(x.shape[1:])):
-            # A traced graph runs the backbone ~2x faster than eager dispatch; any batch size, one trace.
-            self._extract_fn = batch_function(lambda t: ext(t, training=False), x)
-            self._extract_for = (id(ext), tuple(x.shape[1:]))
-        if tf.executing_eagerly() and source is None:
+        if not backends.is_tensorflow():
+            if getattr(self, "_extract_for", None) != id(ext):
+                self._extract_fn = backends.jit(lambda t: ext(t, training=False), ext.variables)
+                self._extract_for = id(ext)
             out = self._extract_fn(x)
+        else:
+            out = self._tf_features(ext, x, images)
         try:
             return [out[f"level{int(lv)}"] for lv in levels]
         except KeyError as e:
             raise InputError(f"backbone output lacks {e.args[0]}; it has {sorted(out)}") from None
 
+    def _tf_features(self, ext, x, images):
+        import tensorflow as tf
+
+        source = getattr(self, "_feature_source", None)
+        if source is not None and tf.executing_eagerly():
+            # another implementation of the same backbone (export: the int8 model's features), used for
+            # fitting and scoring eagerly; traced graphs always read the Keras backbone
+            return source(images)
+        if not tf.executing_eagerly():
+            # Inside a trace (an export graph): call the model directly so static shapes,
+            # the batch size included, survive into the graph.
+            return ext(x, training=False)
+        if getattr(self, "_extract_for", None) != (id(ext), tuple(x.shape[1:])):
+            # A traced graph runs the backbone ~2x faster than eager dispatch; any batch size, one trace.
+            self._extract_fn = batch_function(lambda t: ext(t, training=False), x)
+            self._extract_for = (id(ext), tuple(x.shape[1:]))
+        return self._extract_fn(x)
+
 
 def batch_function(fn, example):
-    """``tf.function`` of ``fn`` traced once for ``example``'s shape with any batch size."""
+    """``tf.function`` of ``fn`` traced once for ``example``'s shape with any batch size (TF backend)."""
+    import tensorflow as tf
+
     spec = tf.TensorSpec([None, *example.shape[1:]], tf.float32)
     return tf.function(fn, input_signature=[spec], autograph=False)
 
@@ -215,23 +227,33 @@ class GaussianStats:
         # the [block, d, d] product) near STATS_CHUNK_BYTES whatever the number of positions.
         per_pos = 8 * (2 * n * d + d * d)
         block = max(1, min(xs.shape[1], STATS_CHUNK_BYTES // per_pos))
-        dt = tf.as_dtype(self.product_dtype)
+        tf = _tf_if_backend()
         for lo in range(0, xs.shape[1], block):
             hi = min(lo + block, xs.shape[1])
-            # Products in one batched TF matmul (numpy's stacked small-matrix path is ~10x
-            # slower); ``product_dtype="float32"`` is another ~8x faster for PaDiM's
-            # [positions, d, d]. The running sums are float64 either way.
-            y = tf.cast(tf.convert_to_tensor(xs[:, lo:hi]), dt) - tf.constant(shift[lo:hi], dt)
-            yt = tf.transpose(y, [1, 2, 0])  # [block, d, n]
-            s2[lo:hi] += tf.matmul(yt, yt, transpose_b=True).numpy()
+            if tf is not None:
+                # Products in one batched TF matmul (numpy's stacked small-matrix path is ~10x
+                # slower); ``product_dtype="float32"`` is another ~8x faster for PaDiM's
+                # [positions, d, d]. The running sums are float64 either way.
+                dt = tf.as_dtype(self.product_dtype)
+                y = tf.cast(tf.convert_to_tensor(xs[:, lo:hi]), dt) - tf.constant(shift[lo:hi], dt)
+                yt = tf.transpose(y, [1, 2, 0])  # [block, d, n]
+                s2[lo:hi] += tf.matmul(yt, yt, transpose_b=True).numpy()
+            else:
+                # Other backends: numpy, as JAX computes in float32 unless x64 is switched on globally.
+                dt = np.dtype(self.product_dtype)
+                y = xs[:, lo:hi].astype(dt) - shift[lo:hi].astype(dt)
+                yt = y.transpose(1, 2, 0)
+                s2[lo:hi] += np.matmul(yt, yt.transpose(0, 2, 1))
             if self.fourth:
-                y = y.numpy().astype(np.float64)
+                y = np.asarray(y).astype(np.float64)
                 s1[lo:hi] += np.sum(y, axis=0)
                 a = np.sum(y * y, axis=-1)
                 s4[lo:hi] += np.sum(a * a, axis=0)
                 s3[lo:hi] += np.sum(a[..., None] * y, axis=0)
-            else:
+            elif tf is not None:
                 s1[lo:hi] += tf.reduce_sum(tf.cast(y, tf.float64), axis=0).numpy()
+            else:
+                s1[lo:hi] += np.sum(y.astype(np.float64), axis=0)
 
     def merge(self, other: "GaussianStats") -> "GaussianStats":
         """Add ``other``'s samples to these sums (exact: the sums are re-shifted to one origin)."""
@@ -326,11 +348,24 @@ def batched_inverse(spd) -> np.ndarray:
     """Inverse of a stack of SPD matrices [..., d, d] (float64) in one batched Cholesky solve.
 
     TF's batched kernels are multithreaded; numpy's stacked ``inv`` runs one
-    small LAPACK call per matrix and is an order of magnitude slower here.
+    small LAPACK call per matrix and is an order of magnitude slower here (it
+    is the fallback on the other Keras backends).
     """
+    tf = _tf_if_backend()
+    if tf is None:
+        return np.linalg.inv(np.asarray(spd, np.float64))
     a = tf.convert_to_tensor(spd, tf.float64)
     eye = tf.eye(a.shape[-1], batch_shape=a.shape[:-2], dtype=tf.float64)
     return tf.linalg.cholesky_solve(tf.linalg.cholesky(a), eye).numpy()
+
+
+def _tf_if_backend():
+    """TensorFlow when it is the Keras backend (its fast batched kernels), else None (numpy)."""
+    if not backends.is_tensorflow():
+        return None
+    import tensorflow as tf
+
+    return tf
 
 
 def ledoit_wolf(stats: GaussianStats):
@@ -393,14 +428,16 @@ def argmin(x, axis: int):
     That test reads the sign bit with bitwise ops, which LiteRT has no builtin
     for; distances never depend on the sign of zero.
     """
-    if keras.backend.backend() == "tensorflow":
+    tf = _tf_if_backend()
+    if tf is not None:
         return tf.argmin(x, axis=axis, output_type=tf.int32)
     return ops.cast(ops.argmin(x, axis=axis), "int32")
 
 
 def argmax(x, axis: int):
     """``ops.argmax`` (int32), see :func:`argmin`."""
-    if keras.backend.backend() == "tensorflow":
+    tf = _tf_if_backend()
+    if tf is not None:
         return tf.argmax(x, axis=axis, output_type=tf.int32)
     return ops.cast(ops.argmax(x, axis=axis), "int32")
 

@@ -28,6 +28,7 @@ import os
 import numpy as np
 from keras import ops
 
+from .. import backends
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
 from .feature_common import BackboneMixin, argmax, greedy_coreset, iter_images, knn, resize, to_rgb, upsample_blur
@@ -130,9 +131,12 @@ class PatchcoreDetector(BackboneMixin, Detector):
     def _nearest(self, queries):
         """Nearest bank row of each patch, as one traced graph (any number of patches)."""
         if getattr(self, "_nn_fn", None) is None:
+            bank, bank_sq = self._tensors()
+            if not backends.is_tensorflow():
+                self._nn_fn = lambda q: knn(q, bank, 1, bank_sq=bank_sq)
+                return self._nn_fn(queries)
             import tensorflow as tf
 
-            bank, bank_sq = self._tensors()
             spec = tf.TensorSpec([None, int(bank.shape[1])], tf.float32)
             self._nn_fn = tf.function(lambda q: knn(q, bank, 1, bank_sq=bank_sq), input_signature=[spec],
                                       autograph=False)
