@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector option, e.g. --param k=50 --param n_features=100 (JSON values); repeatable")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="output folder (default runs/<category>/<method>-<backbone>-<time>)")
+    p.add_argument("--strategy", default="none",
+                   help="none | mirrored | auto (default none): mirrored splits each batch of feature "
+                        "extraction over the local GPUs and merges the replicas' statistics exactly; auto = "
+                        "mirrored when more than one GPU is visible. Not multiworker (see docs/distributed.md)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -63,6 +67,12 @@ def main(argv=None) -> None:
     if args.backbone not in BACKBONES:
         raise InputError(f"-b/--backbone: unknown '{args.backbone}'; choose from {', '.join(BACKBONES)}")
     apply_smoke_caps(args, native_size=BACKBONES[args.backbone])
+    from .. import distribute
+
+    # auto never means a cluster here (tf_config=""): feature fits use the GPUs of one machine.
+    if distribute.resolve(args.strategy, tf_config="") == "multiworker":
+        raise InputError("--strategy: feature fits run on one machine; choose none, mirrored or auto")
+    strategy, strategy_name = distribute.make_strategy(distribute.resolve(args.strategy, tf_config=""))
     weights = None if args.weights.lower() == "none" else args.weights
     if weights not in (None, "imagenet") and not weights.startswith("noisy-student") and not os.path.isfile(weights):
         raise InputError(f"-w/--weights: weights file not found: {weights}")
@@ -81,13 +91,15 @@ def main(argv=None) -> None:
         from ..devices import describe
 
         print(describe())
+        print(distribute.describe(strategy, strategy_name))
     train_ds = make_dataset(train_s, prep, args.batch_size)
     out = args.out or os.path.join("runs", cat.name, f"{method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "info.json")):
         raise InputError(f"--out: {out} already holds a model; choose another folder")
     with output_dir(out):
         t0 = time.time()
-        detector.fit(train_ds, progress=not args.quiet)
+        with strategy.scope():  # the backbone is built here, mirrored over the replicas
+            detector.fit(train_ds, progress=not args.quiet)
         wall = time.time() - t0
         detector.save(out)
         info = {
@@ -97,7 +109,8 @@ def main(argv=None) -> None:
             "weights": args.weights,
             "data": data_info(cat, args, val_s),
             "preprocessing": prep.to_dict(),
-            "fit": {"wall_seconds": round(wall, 2), "n_images": len(train_s)},
+            "fit": {"wall_seconds": round(wall, 2), "n_images": len(train_s), "strategy": strategy_name,
+                    "replicas": distribute.replicas(strategy)},
         }
         write_json(os.path.join(out, "info.json"), info)
     if not args.quiet:

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(AE_ARCHITECTURES + GAN_ARCHITECTURES)} (default mvtecCAE)")
     p.add_argument("-c", "--color", default="grayscale", help="grayscale | rgb (default grayscale)")
     p.add_argument("-l", "--loss", default="ssim", help="autoencoders: ssim | mssim | l2 (default ssim)")
-    p.add_argument("-b", "--batch-size", type=int, default=8)
+    p.add_argument("-b", "--batch-size", type=int, default=8,
+                   help="global batch: under --strategy it is split over the replicas (a multiple of them)")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs (early stopping decides)")
     p.add_argument("--lr", default="2e-4", help="learning rate, or 'auto' for a range test first")
     p.add_argument("--size", type=int, default=None, help="image size (default 256; GANs: their default)")
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 | mixed_bfloat16 | mixed_float16 | auto (auto: mixed_float16 on GPUs of compute "
                         "capability >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 otherwise; "
                         "see docs/bench_ae_throughput.md)")
+    p.add_argument("--strategy", default="none",
+                   help="none | mirrored | multiworker | auto (default none): mirrored = tf.distribute over the "
+                        "local GPUs; multiworker = over the cluster in TF_CONFIG (refused for now: Keras 3's fit "
+                        "does not run under it); auto = multiworker when TF_CONFIG names more than one worker, "
+                        "else mirrored when more than one GPU is visible, else none. -b is the global batch "
+                        "and --lr is not rescaled; see docs/distributed.md")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -117,6 +124,9 @@ def check_args(args) -> None:
     check_range(args.patience, "--patience", 0)
     check_range(args.rotation, "--rotation", 0, 180)
     check_range(args.members, "--members", 1)
+    from ..distribute import resolve
+
+    resolve(args.strategy, n_gpus=0, tf_config="")  # the name only; devices are looked at later
     if args.lr != "auto":
         _float(args.lr, "--lr")
 
@@ -128,6 +138,10 @@ def main(argv=None) -> None:
     arch = _canonical_arch(args.architecture)
     check_args(args)
     apply_smoke_caps(args)
+    from .. import distribute
+
+    strategy, strategy_name = distribute.make_strategy(args.strategy)
+    distribute.check_global_batch(args.batch_size, strategy)
     if args.members < 1 or (args.members > 1 and arch in AE_ARCHITECTURES):
         raise InputError(f"--members must be 1 for autoencoders and at least 1 for GANs, got {args.members}")
     size = args.size or (256 if arch in AE_ARCHITECTURES else 64)
@@ -141,6 +155,7 @@ def main(argv=None) -> None:
         from ..devices import describe
 
         print(describe())
+        print(distribute.describe(strategy, strategy_name))
     if not 0 <= args.rotation <= 180:
         raise InputError(f"--rotation must be between 0 and 180 degrees, got {args.rotation}")
     augment = None if args.no_augment else Augmentation(
@@ -157,18 +172,7 @@ def main(argv=None) -> None:
             raise InputError(f"--out: {out} already holds a trained model; choose another folder or pass --resume")
     with output_dir(out, keep_existing=args.resume):
         t0 = time.time()
-        verbose = 0 if args.quiet else 1
-        if arch in AE_ARCHITECTURES:
-            detector.fit(train_ds, val_ds, workdir=out, resume=args.resume, verbose=verbose)
-        else:
-            # GANs: same checkpoint / resume / logs, no early stopping on adversarial losses.
-            from ..training import fresh_workdir, standard_callbacks
-
-            fresh_workdir(out, args.resume)
-            # An ensemble's members would share one checkpoint and backup: they get only the NaN guard.
-            callbacks, guard = standard_callbacks(out if args.members == 1 else None, monitor=None)
-            detector.fit(train_ds, val_ds, callbacks=callbacks, verbose=verbose)
-            guard.check()
+        _fit(detector, arch, train_ds, val_ds, out, args, strategy)
         wall = time.time() - t0
         detector.save(out)
         info = {
@@ -186,6 +190,8 @@ def main(argv=None) -> None:
                 "learning_rate": getattr(detector, "learning_rate_", None),
                 "lr_setting": args.lr,
                 "seed": args.seed,
+                "strategy": strategy_name,
+                "replicas": distribute.replicas(strategy),
                 "wall_seconds": round(wall, 2),
                 # epochs run by this call (a resumed run counts only its own)
                 "images_per_second": round(
@@ -199,6 +205,23 @@ def main(argv=None) -> None:
         print(f"model saved to {os.path.join(out, 'model.keras') if arch in AE_ARCHITECTURES else out}")
         print(f"trained {info['training']['epochs_trained']} epochs in {wall:.1f} s "
               f"({info['training']['images_per_second']} img/s)")
+
+
+def _fit(detector, arch, train_ds, val_ds, workdir, args, strategy) -> None:
+    """Train under ``strategy``: models and optimisers are built inside its scope."""
+    verbose = 0 if args.quiet else 1
+    with strategy.scope():
+        if arch in AE_ARCHITECTURES:
+            detector.fit(train_ds, val_ds, workdir=workdir, resume=args.resume, verbose=verbose)
+            return
+        # GANs: same checkpoint / resume / logs, no early stopping on adversarial losses.
+        from ..training import fresh_workdir, standard_callbacks
+
+        fresh_workdir(workdir, args.resume)
+        # An ensemble's members would share one checkpoint and backup: they get only the NaN guard.
+        callbacks, guard = standard_callbacks(workdir if args.members == 1 else None, monitor=None)
+        detector.fit(train_ds, val_ds, callbacks=callbacks, verbose=verbose)
+        guard.check()
 
 
 def _reports(detector, out, val_ds, cat, prep, args):

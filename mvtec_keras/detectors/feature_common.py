@@ -122,6 +122,41 @@ class BackboneMixin:
         return self._extract_fn(x)
 
 
+    def _per_replica(self, fn, images) -> list:
+        """``fn(images)`` with the batch split over the replicas of the current ``tf.distribute``
+        strategy: one result per replica, in replica order (replica r holds the r-th contiguous
+        part of the batch, so concatenating the results gives the one-device stream). Without a
+        multi-replica strategy: ``[fn(images)]``. The extractor must have been built in the
+        strategy's scope (it is, when ``fit`` runs there)."""
+        strategy = tf.distribute.get_strategy()
+        n = strategy.num_replicas_in_sync
+        if n == 1:
+            return [fn(images)]
+        if strategy.extended._in_multi_worker_mode():
+            raise InputError("feature fits run on one machine: use --strategy mirrored or none")
+        x = tf.convert_to_tensor(images, tf.float32)
+        parts = np.array_split(np.arange(int(x.shape[0])), n)
+        bounds = [(int(p[0]), int(p[-1]) + 1) if len(p) else (0, 0) for p in parts]
+        dist_x = strategy.experimental_distribute_values_from_function(
+            lambda ctx: x[slice(*bounds[ctx.replica_id_in_sync_group])])
+        key = (fn, tuple(x.shape[1:]))
+        if getattr(self, "_replica_key", None) != key:
+            # One trace per function and image shape; replicas run the traced fn on their own devices.
+            self._replica_fn = tf.function(lambda t: strategy.run(fn, args=(t,)), reduce_retracing=True)
+            self._replica_key = key
+        out = self._replica_fn(dist_x)
+        leaves = [strategy.experimental_local_results(v) for v in tf.nest.flatten(out)]
+        return [tf.nest.pack_sequence_as(out, [leaf[r] for leaf in leaves]) for r in range(n)]
+
+
+def merged(stats: list) -> "GaussianStats":
+    """One :class:`GaussianStats` of several replicas' (exact: see :meth:`GaussianStats.merge`)."""
+    first = stats[0]
+    for other in stats[1:]:
+        first.merge(other)
+    return first
+
+
 def batch_function(fn, example):
     """``tf.function`` of ``fn`` traced once for ``example``'s shape with any batch size (TF backend)."""
     import tensorflow as tf

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..distribute import replicas
 from ..errors import InputError
 from ..models import gans
 from .base import Detector, read_json_state, reading_state, register_detector
@@ -133,8 +134,9 @@ class _KerasModelDetector(Detector):
             ds = ds.shuffle(buffer if n is None else min(n, buffer), seed=int(self.seed))
         if repeat:
             ds = ds.repeat()
-        # A last short batch would give BatchNorm noisy statistics; drop it when that leaves data to train on.
-        drop = shuffle and (repeat or (n is not None and n >= self.batch_size))
+        # A last short batch would give BatchNorm noisy statistics; drop it when that leaves data to train on
+        # (always under several replicas: a replica left without images would average an empty batch).
+        drop = shuffle and (repeat or replicas() > 1 or (n is not None and n >= self.batch_size))
         return ds.batch(int(self.batch_size), drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
 
     # -- scoring -------------------------------------------------------------

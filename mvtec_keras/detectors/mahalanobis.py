@@ -19,7 +19,7 @@ from keras import ops
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import BackboneMixin, GaussianStats, iter_images, ledoit_wolf, pooled
+from .feature_common import BackboneMixin, GaussianStats, iter_images, ledoit_wolf, merged, pooled
 
 STATE_FILE = "mahalanobis_state.npz"
 
@@ -48,10 +48,17 @@ class MahalanobisDetector(BackboneMixin, Detector):
         if self.npca_variance is not None and not 0.0 < float(self.npca_variance) < 1.0:
             raise InputError(f"npca_variance must be in (0, 1), got {self.npca_variance}")
         levels = self._needed_levels()
-        stats = [GaussianStats(fourth=True) for _ in levels]
+        # Per tf.distribute replica (one without a strategy), one set of sums per level; merged exactly.
+        replica_stats: list = []
+        pooled_levels = lambda images: [pooled(f) for f in self._features(images, levels)]  # noqa: E731
         for x in iter_images(train, batch_size, progress):
-            for st, f in zip(stats, self._features(x, levels)):
-                st.update(ops.convert_to_numpy(pooled(f)))
+            for r, feats in enumerate(self._per_replica(pooled_levels, x)):
+                while len(replica_stats) <= r:
+                    replica_stats.append([GaussianStats(fourth=True) for _ in levels])
+                for st, f in zip(replica_stats[r], feats):
+                    st.update(ops.convert_to_numpy(f))
+        stats = [merged([rs[i] for rs in replica_stats]) for i in range(len(levels))] if replica_stats else \
+            [GaussianStats(fourth=True) for _ in levels]
         if stats[0].n < 2:
             raise InputError(f"Mahalanobis needs at least 2 training images, got {stats[0].n}")
         self._cache = None

@@ -18,7 +18,7 @@ from keras import ops
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
 from . import feature_common
-from .feature_common import BackboneMixin, GaussianStats, iter_images, resize, to_rgb, upsample_blur
+from .feature_common import BackboneMixin, GaussianStats, iter_images, merged, resize, to_rgb, upsample_blur
 
 STATE_FILE = "padim_state.npz"
 #: positions whose covariances are inverted per batched call (bounds the float64 temporaries:
@@ -72,25 +72,29 @@ class PadimDetector(BackboneMixin, Detector):
 
     # -- fitting ---------------------------------------------------------------
     def _fit(self, train, validation=None, batch_size: int = 16, progress: bool = False, **kwargs) -> None:
-        # float32 chunk products (float64 sums): fast for [positions, d, d], ~1e-6 relative
-        stats = GaussianStats(product_dtype="float32")
+        # One set of sums per tf.distribute replica (one without a strategy), merged exactly at the end.
+        replica_stats: list = []
         idx = None
         for x in iter_images(train, batch_size, progress):
-            emb = self._concat(x)
-            b, h, w, c = emb.shape
-            if idx is None:
-                if int(self.n_features) < 1:
-                    raise InputError(f"n_features must be >= 1, got {self.n_features}")
-                rng = np.random.default_rng(int(self.seed))
-                # A fixed random subset of channels (fewer than asked if the taps have fewer).
-                idx = np.sort(rng.permutation(c)[: min(int(self.n_features), c)]).astype(np.int32)
-                shape = (h, w)
-            elif (h, w) != shape:
-                raise InputError(f"training images give feature maps {h}x{w}, earlier ones {shape[0]}x{shape[1]}")
-            emb = ops.convert_to_numpy(ops.take(emb, idx, axis=-1))
-            stats.update(emb.reshape(b, h * w, -1))
+            for r, emb in enumerate(self._per_replica(self._concat, x)):
+                b, h, w, c = emb.shape
+                if idx is None:
+                    if int(self.n_features) < 1:
+                        raise InputError(f"n_features must be >= 1, got {self.n_features}")
+                    rng = np.random.default_rng(int(self.seed))
+                    # A fixed random subset of channels (fewer than asked if the taps have fewer).
+                    idx = np.sort(rng.permutation(c)[: min(int(self.n_features), c)]).astype(np.int32)
+                    shape = (h, w)
+                elif (h, w) != shape:
+                    raise InputError(f"training images give feature maps {h}x{w}, earlier ones {shape[0]}x{shape[1]}")
+                emb = ops.convert_to_numpy(ops.take(emb, idx, axis=-1))
+                while len(replica_stats) <= r:
+                    # float32 chunk products (float64 sums): fast for [positions, d, d], ~1e-6 relative
+                    replica_stats.append(GaussianStats(product_dtype="float32"))
+                replica_stats[r].update(emb.reshape(b, h * w, -1))
         if idx is None:
             raise InputError("PaDiM got no training images")
+        stats = merged(replica_stats)
         self._cache = None
         self.channel_idx_ = idx
         self.feature_shape_ = np.asarray(shape, dtype=np.int64)

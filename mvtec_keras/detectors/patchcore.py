@@ -90,7 +90,9 @@ class PatchcoreDetector(BackboneMixin, Detector):
             raise InputError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         sample, shape = None, None
         for x in iter_images(train, batch_size, progress):
-            f = ops.convert_to_numpy(self.patch_features(x))
+            # Replicas' patches joined in replica order (= the one-device stream) before the
+            # reservoir and the coreset, so the bank does not depend on the number of replicas.
+            f = np.concatenate([ops.convert_to_numpy(p) for p in self._per_replica(self.patch_features, x)])
             if shape is None:
                 shape = f.shape[1:3]
                 cap = max(1, int(float(self.memory_budget_mb) * 2**20) // (4 * f.shape[-1]))

@@ -63,9 +63,10 @@ class SpadeDetector(BackboneMixin, Detector):
         rng = np.random.default_rng(int(self.seed))
         bank, seen = [], 0  # entries: (pooled vector, [per-level maps])
         for x in iter_images(train, batch_size, progress):
-            g, maps = self._split(x)
-            g = ops.convert_to_numpy(g)
-            maps = [ops.convert_to_numpy(m) for m in maps]
+            # Replicas' features joined in replica order: the one-device stream, whatever the replicas.
+            parts = self._per_replica(self._split, x)
+            g = np.concatenate([ops.convert_to_numpy(p[0]) for p in parts])
+            maps = [np.concatenate([ops.convert_to_numpy(p[1][j]) for p in parts]) for j in range(len(parts[0][1]))]
             for i in range(len(g)):  # reservoir sampling keeps memory bounded by `cap`
                 slot = seen if seen < cap else int(rng.integers(seen + 1))
                 seen += 1

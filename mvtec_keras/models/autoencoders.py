@@ -25,6 +25,7 @@ import math
 import keras
 from keras import layers
 
+from ..distribute import batch_norm
 from ..errors import InputError
 
 AUTOENCODERS = ("mvtecCAE", "baselineCAE", "inceptionCAE", "resnetCAE", "skipCAE")
@@ -174,7 +175,7 @@ def _mvtec_cae(h, w, c):
 def _baseline_cae(h, w, c):
     def block(x, filters):
         x = layers.Conv2D(filters, 3, padding="same")(x)
-        x = layers.BatchNormalization()(x)
+        x = batch_norm()(x)
         return layers.LeakyReLU(negative_slope=0.1)(x)
 
     inp = keras.Input((h, w, c), name="image")
@@ -192,7 +193,7 @@ def _baseline_cae(h, w, c):
     for filters in (128, 128, 64, 64, 32, 32):
         x = layers.UpSampling2D(2)(block(x, filters))
     x = layers.Conv2D(c, 3, padding="same")(x)
-    x = layers.BatchNormalization()(x)
+    x = batch_norm()(x)
     out = layers.Activation("sigmoid", name="reconstruction")(x)
     return keras.Model(inp, out, name="baselineCAE")
 
@@ -205,7 +206,7 @@ def _inception_block(x, filters):
 
     def conv_bn(t, kernel):
         t = layers.Conv2D(filters, kernel, padding="same")(t)
-        t = layers.BatchNormalization()(t)
+        t = batch_norm()(t)
         return layers.LeakyReLU(negative_slope=0.1)(t)
 
     pooled = layers.MaxPooling2D(3, strides=1, padding="same")(x)
@@ -222,7 +223,7 @@ def _inception_cae(h, w, c):
     for filters in (128, 128, 64, 64, 32, 32):
         x = layers.UpSampling2D(2)(_inception_block(x, filters))
     x = layers.Conv2D(c, 3, padding="same")(x)
-    x = layers.BatchNormalization()(x)
+    x = batch_norm()(x)
     out = layers.Activation("sigmoid", name="reconstruction")(x)
     return keras.Model(inp, out, name="inceptionCAE")
 
@@ -233,14 +234,14 @@ def _inception_cae(h, w, c):
 def _basic_block(x, filters, strides, name):
     """ResNet basic block: two 3x3 conv-BN, shortcut (1x1 projection when the shape changes), add, ReLU."""
     y = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv1")(x)
-    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = batch_norm(name=f"{name}_bn1")(y)
     y = layers.ReLU()(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = batch_norm(name=f"{name}_bn2")(y)
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False, name=f"{name}_proj")(x)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = batch_norm(name=f"{name}_proj_bn")(shortcut)
     # Every block, the last one included, sums both branches.
     out = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.ReLU(name=f"{name}_out")(out)
@@ -249,16 +250,16 @@ def _basic_block(x, filters, strides, name):
 def _up_block(x, filters, name):
     """x2 upsampling (4x4 transposed conv) refined by a 3x3 transposed conv, with an additive skip."""
     up = layers.Conv2DTranspose(filters, 4, strides=2, padding="same", use_bias=False, name=f"{name}_up")(x)
-    y = layers.ReLU()(layers.BatchNormalization()(up))
+    y = layers.ReLU()(batch_norm()(up))
     y = layers.Conv2DTranspose(filters, 3, padding="same", use_bias=False, name=f"{name}_refine")(y)
-    y = layers.ReLU()(layers.BatchNormalization()(y))
+    y = layers.ReLU()(batch_norm()(y))
     return layers.Add(name=f"{name}_add")([up, y])
 
 
 def _resnet_cae(h, w, c):
     inp = keras.Input((h, w, c), name="image")
     x = layers.Conv2D(64, 7, strides=2, padding="same", use_bias=False, name="stem_conv")(inp)
-    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+    x = layers.ReLU()(batch_norm(name="stem_bn")(x))
     x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
     # ResNet-18: four stages of two basic blocks; stages 2-4 halve the resolution.
     for stage, filters in enumerate((64, 128, 256, 512), start=1):
@@ -267,7 +268,7 @@ def _resnet_cae(h, w, c):
             x = _basic_block(x, filters, strides, name=f"stage{stage}_block{block}")
     # 1x1 bottleneck on the H/32 x W/32 x 512 code.
     x = layers.Conv2D(512, 1, use_bias=False, name="bottleneck")(x)
-    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.ReLU()(batch_norm()(x))
     for i, filters in enumerate((256, 128, 64, 32), start=1):
         x = _up_block(x, filters, name=f"decoder{i}")
     out = layers.Conv2DTranspose(c, 4, strides=2, padding="same", activation="sigmoid", name="reconstruction")(x)
@@ -304,10 +305,10 @@ def _skip_cae(h, w, c):
     y = lrelu(up(y, 256, strides=1))
     y = lrelu(up(y, 256))
     y = layers.Add(name="skip2_add")([skip2, up(y, 128)])
-    y = layers.BatchNormalization()(lrelu(y))
+    y = batch_norm()(lrelu(y))
     y = lrelu(up(y, 128))
     y = layers.Add(name="skip1_add")([skip1, up(y, 64)])
-    y = layers.BatchNormalization()(lrelu(y))
+    y = batch_norm()(lrelu(y))
     y = lrelu(up(y, 64))
     y = lrelu(up(y, 32))
     out = layers.Conv2DTranspose(c, 3, strides=2, padding="same", activation="sigmoid", name="reconstruction")(y)

@@ -20,6 +20,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from ..distribute import batch_norm, replicas, scale_loss
+
 SUPPORTED_SIZES = (28, 32, 64, 128, 256)
 _PKG = "mvtec_keras"
 
@@ -46,7 +48,7 @@ def conv_features(image_size, channels, filters, name):
     for i in range(n):
         h = layers.Conv2D(_filters(filters, i), 4, strides=2, padding="same", use_bias=i == 0)(h)
         if i > 0:  # DCGAN: no BatchNorm on the input layer
-            h = layers.BatchNormalization(momentum=0.9)(h)
+            h = batch_norm(momentum=0.9)(h)
         h = layers.LeakyReLU(0.2)(h)
     return keras.Model(x_in, layers.Flatten()(h), name=name)
 
@@ -65,10 +67,10 @@ def conv_decoder(image_size, channels, latent_dim, filters, name, activation="si
     z_in = keras.Input((latent_dim,))
     h = layers.Dense(base * base * _filters(filters, n - 1), use_bias=False)(z_in)
     h = layers.Reshape((base, base, _filters(filters, n - 1)))(h)
-    h = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(h))
+    h = layers.ReLU()(batch_norm(momentum=0.9)(h))
     for i in reversed(range(n - 1)):
         h = layers.Conv2DTranspose(_filters(filters, i), 4, strides=2, padding="same", use_bias=False)(h)
-        h = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(h))
+        h = layers.ReLU()(batch_norm(momentum=0.9)(h))
     x_out = layers.Conv2DTranspose(channels, 4, strides=2, padding="same", activation=activation)(h)
     return keras.Model(z_in, x_out, name=name)
 
@@ -167,8 +169,11 @@ class _TwoPlayerModel(keras.Model):
         }
 
     def _step(self, g_loss, d_loss, tape, g_vars, d_vars):
-        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
-        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
+        # Under several replicas the optimisers sum the replicas' gradients: scale each by 1 / replicas.
+        g_grads = [scale_loss(g) for g in tape.gradient(g_loss, g_vars)]
+        d_grads = [scale_loss(g) for g in tape.gradient(d_loss, d_vars)]
+        self.g_optimizer.apply_gradients(zip(g_grads, g_vars))
+        self.d_optimizer.apply_gradients(zip(d_grads, d_vars))
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -208,6 +213,9 @@ class GANomaly(_TwoPlayerModel):
             raise ValueError(f"adversarial={adversarial!r}: choose from {', '.join(self.ADVERSARIAL)}")
         if reinit_d_below is not None and not float(reinit_d_below) > 0:
             raise ValueError(f"reinit_d_below={reinit_d_below!r}: must be a positive loss value or None")
+        if reinit_d_below is not None and replicas() > 1:
+            # Each replica would test its own d_loss and redraw D on its own: the copies would diverge.
+            raise ValueError("reinit_d_below is not supported under a multi-replica strategy")
         super().__init__(image_size, channels, latent_dim, filters, **kwargs)
         self.w_adv, self.w_con, self.w_enc = float(w_adv), float(w_con), float(w_enc)
         self.adversarial = adversarial
@@ -560,7 +568,7 @@ class DenseAutoencoder(keras.Model):
         x = _images(data)
         with tf.GradientTape() as tape:
             loss = self._loss(x, self(x, training=True))
-        grads = tape.gradient(loss, self.trainable_variables)
+        grads = [scale_loss(g) for g in tape.gradient(loss, self.trainable_variables)]
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}

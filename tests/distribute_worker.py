@@ -1,0 +1,114 @@
+"""Run by tests/test_distribute.py in a fresh process (TensorFlow's logical devices are fixed at
+start-up): trains / fits the same tiny models on one device and under MirroredStrategy over two
+logical CPU devices, and writes the largest differences as JSON.
+
+    python distribute_worker.py OUT.json
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's package, not an installed one
+
+
+def rel_err(a, b):
+    """Largest max|p - q| / max|p| over pairs of arrays of two lists (shapes must agree): each array's
+    error relative to its own scale, so entries near zero (Adam's second moments) do not dominate."""
+    worst = 0.0
+    assert len(a) == len(b), (len(a), len(b))
+    for p, q in zip(a, b):
+        assert p.shape == q.shape, (p.shape, q.shape)
+        scale = float(np.max(np.abs(p), initial=0.0))
+        diff = float(np.max(np.abs(p - q), initial=0.0))
+        worst = max(worst, diff / scale if scale else diff)
+    return worst
+
+
+def train_state(detector):
+    """Weights, and the Adam moments after the step: their first moments are 0.1 x the gradient,
+    so a gradient off by the replica count shows there (Adam's update itself is scale-free)."""
+    m = detector.model_
+    opts = [m.g_optimizer, m.d_optimizer] if hasattr(m, "g_optimizer") else [m.optimizer]
+    return [w.numpy() for w in m.weights], [v.numpy() for o in opts for v in o.variables]
+
+
+def one_step(make, x, strategy):
+    """One optimiser step of ``make()`` on the global batch ``x``: without, then with ``strategy``."""
+    ref = make().fit(x, verbose=0)
+    with strategy.scope():
+        dist = make().fit(x, verbose=0)
+    (w1, o1), (w2, o2) = train_state(ref), train_state(dist)
+    return {"weights": rel_err(w1, w2), "optimizer": rel_err(o1, o2),
+            "n_weights": len(w1), "loss": [next(iter(ref.history_.values()))[0],
+                                           next(iter(dist.history_.values()))[0]]}
+
+
+def training_results(strategy):
+    from mvtec_keras.detectors.autoencoder import AutoencoderDetector
+    from mvtec_keras.detectors.gan import GANomalyDetector
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 0.8, (4, 32, 32, 1)).astype(np.float32)  # one global batch of 4
+    return {
+        # mvtecCAE: Keras' compiled loss (scaled per replica by Keras)
+        "autoencoder": one_step(lambda: AutoencoderDetector("mvtecCAE", (32, 32, 1), epochs=1, batch_size=4,
+                                                            learning_rate=1e-3), x, strategy),
+        # GANomaly: our own train_step (scaled gradients) and BatchNorm over the global batch
+        "ganomaly": one_step(lambda: GANomalyDetector(image_size=32, channels=1, latent_dim=8, filters=4,
+                                                      epochs=1, batch_size=4), x, strategy),
+    }
+
+
+def feature_results(strategy):
+    sys.path.insert(0, HERE)
+    from test_feature_detectors import normal_images, toy_backbone
+
+    from mvtec_keras.detectors.mahalanobis import MahalanobisDetector
+    from mvtec_keras.detectors.padim import PadimDetector
+    from mvtec_keras.detectors.patchcore import PatchcoreDetector
+
+    x = normal_images(7, seed=1)  # batches of 4 and 3: the last one splits 2 + 1
+    with strategy.scope():
+        probe = PadimDetector(toy_backbone())
+        out = {"split": [int(p.shape[0]) for p in probe._per_replica(lambda t: t * 1.0, x[:3])]}
+    for name, make, attrs in [
+        ("padim", lambda: PadimDetector(toy_backbone(), levels=(1, 3), n_features=6), ("mean_", "precision_")),
+        ("mahalanobis", lambda: MahalanobisDetector(toy_backbone(), levels=(3, 5)), ("means_", "precisions_")),
+        ("patchcore", lambda: PatchcoreDetector(toy_backbone(), levels=(2, 3), coreset_ratio=0.5),
+         ("memory_bank_",)),
+    ]:
+        ref = make().fit(x, batch_size=4)
+        with strategy.scope():
+            dist = make().fit(x, batch_size=4)
+        errs = {}
+        for a in attrs:
+            ra, da = getattr(ref, a), getattr(dist, a)
+            ra, da = (list(ra), list(da)) if isinstance(ra, list) else ([ra], [da])
+            errs[a] = rel_err([np.asarray(v, np.float64) for v in ra], [np.asarray(v, np.float64) for v in da])
+        if name == "padim":  # the covariance itself, from the precision (eps * I was added before inverting)
+            cov = lambda d: np.linalg.inv(d.precision_.astype(np.float64))  # noqa: E731
+            errs["covariance"] = rel_err([cov(ref)], [cov(dist)])
+        out[name] = errs
+    return out
+
+
+def main():
+    out_path = sys.argv[1]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from mvtec_keras import distribute
+
+    strategy, name = distribute.make_strategy("mirrored")
+    result = {"strategy": distribute.describe(strategy, name), "replicas": distribute.replicas(strategy),
+              "training": training_results(strategy), "features": feature_results(strategy)}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
