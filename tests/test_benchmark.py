@@ -2,7 +2,6 @@
 
 import csv
 import html.parser
-import json
 import os
 import shutil
 import subprocess

@@ -245,7 +245,6 @@ class AutoencoderDetector(Detector):
             )
 
     def _load_state(self, dirpath: str) -> None:
-        import json
 
         path = os.path.join(dirpath, MODEL_FILE)
         if not os.path.isfile(path):

@@ -121,13 +121,16 @@ class BackboneMixin:
             self._extract_for = (id(ext), tuple(x.shape[1:]))
         return self._extract_fn(x)
 
-
     def _per_replica(self, fn, images) -> list:
         """``fn(images)`` with the batch split over the replicas of the current ``tf.distribute``
         strategy: one result per replica, in replica order (replica r holds the r-th contiguous
         part of the batch, so concatenating the results gives the one-device stream). Without a
         multi-replica strategy: ``[fn(images)]``. The extractor must have been built in the
         strategy's scope (it is, when ``fit`` runs there)."""
+        if not backends.is_tensorflow():
+            return [fn(images)]  # tf.distribute is TensorFlow's; other backends fit on one device
+        import tensorflow as tf
+
         strategy = tf.distribute.get_strategy()
         n = strategy.num_replicas_in_sync
         if n == 1:
