@@ -173,7 +173,8 @@ def write_run_report(out_dir, result: dict, res, operating_point=None, predictio
         # The decision statistic of a segmentation rule: the largest region of map >= threshold.
         areas = thresholds.largest_region_areas(res.maps, [op["threshold"]])[:, 0].astype(np.float64)
         plot_score_histogram(areas, labels, os.path.join(files, "hist_areas.png"), threshold=op.get("min_area"),
-                             defect_types=types, title=f"largest region of map >= {op['threshold']:.4g} (pixels)")
+                             defect_types=types, title=f"largest region of map >= {op['threshold']:.4g} (pixels)",
+                             xlabel="largest region area (pixels)")
         figs.append({"caption": "decision statistic: largest region area per image, min_area dashed",
                      "path": f"{FILES_DIR}/hist_areas.png"})
     sections.append({"title": "Curves and score distributions", "figures": figs})

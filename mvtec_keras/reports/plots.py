@@ -200,7 +200,8 @@ def plot_pixel_roc(masks, maps, path, title=None, max_pixels: int = MAX_ROC_PIXE
 
 
 # -- score distributions -------------------------------------------------------
-def plot_score_histogram(scores, labels, path, threshold=None, defect_types=None, title=None) -> str:
+def plot_score_histogram(scores, labels, path, threshold=None, defect_types=None, title=None,
+                         xlabel="anomaly score") -> str:
     """Histograms of normal vs defective scores on shared bins.
 
     With ``defect_types`` the defective bars are stacked by type. ``threshold``
@@ -234,7 +235,7 @@ def plot_score_histogram(scores, labels, path, threshold=None, defect_types=None
             ax.hist(groups, bins=bins, stacked=True, color=colours, alpha=0.7, label=labels_)
     if threshold is not None:
         ax.axvline(float(threshold), color="k", ls="--", lw=1.5, label=f"threshold = {float(threshold):.4g}")
-    ax.set(xlabel="anomaly score", ylabel="images", title=title or "score distribution")
+    ax.set(xlabel=xlabel, ylabel="images", title=title or "score distribution")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
