@@ -30,14 +30,15 @@ import numpy as np  # noqa: E402
 TARGET_MS = {"padim": 15.0, "mahalanobis": 15.0, "mvteccae": 15.0, "patchcore": 40.0}
 
 
-def build_run(method, data, out, cae_epochs):
+def build_run(method, data, out, cae_epochs, cae_size=256, cae_lr=None):
     if os.path.isfile(os.path.join(out, "info.json")):
         return out
     if method == "mvteccae":
         from mvtec_keras.cli.train import cli
 
-        rc = cli(["-d", data, "-a", "mvtecCAE", "-c", "grayscale", "--size", "256", "--epochs", str(cae_epochs),
-                  "--rotation", "180", "--out", out, "-q"])
+        lr = [] if cae_lr is None else ["--lr", str(cae_lr)]
+        rc = cli(["-d", data, "-a", "mvtecCAE", "-c", "grayscale", "--size", str(cae_size), "--epochs", str(cae_epochs),
+                  "--rotation", "180", *lr, "--out", out, "-q"])
     else:
         from mvtec_keras.cli.extract import cli
 
@@ -133,6 +134,8 @@ def main():
     p.add_argument("--data", default=os.path.join("..", "shared", "data", "mvtec_ad", "bottle"))
     p.add_argument("--methods", default="padim,mahalanobis,patchcore,mvteccae")
     p.add_argument("--cae-epochs", type=int, default=5)
+    p.add_argument("--cae-size", type=int, default=256, help="mvtecCAE image size (its run is mvteccae_SIZE if not 256)")
+    p.add_argument("--cae-lr", type=float, default=None, help="mvtecCAE learning rate (default: train.py's)")
     p.add_argument("--latency-runs", type=int, default=30)
     p.add_argument("--out", default=os.path.join("runs", "bench_export"))
     args = p.parse_args()
@@ -152,9 +155,10 @@ def main():
     for method in args.methods.split(","):
         load = os.getloadavg()[0]
         print(f"{method}: (load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
-        run = build_run(method, args.data, os.path.join(args.out, method), args.cae_epochs)
-        results[method] = evaluate(method, run, args.latency_runs)
-        rows = results[method]
+        key = f"{method}_{args.cae_size}" if method == "mvteccae" and args.cae_size != 256 else method
+        run = build_run(method, args.data, os.path.join(args.out, key), args.cae_epochs, args.cae_size, args.cae_lr)
+        results[key] = evaluate(method, run, args.latency_runs)
+        rows = results[key]
         rows["load_average_at_start"] = load
         drop = rows["keras"]["image_auroc"] - rows["litert_int8"]["image_auroc"]
         print(f"  int8 image AUROC drop {drop:+.4f} (target <= 0.01); int8 latency "
