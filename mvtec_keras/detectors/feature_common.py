@@ -475,8 +475,9 @@ def min_distances(queries, gallery_aug, max_elements: Optional[int] = None):
     differ from a direct difference), but the min over the gallery is reduced block
     by block right after each block's matmul, so the ``[M, N]`` matrix never exists
     and no index is tracked. With few channels (SPADE's level 3 has 24) a block is
-    cheap to compute but costly to move: keeping it cache-sized is what makes this
-    ~3x faster than :func:`knn`'s 64 MB blocks with argmin and gathers.
+    cheap to compute but costly to move, so it is kept cache-sized (SPADE's search +
+    maps: 0.85 -> 0.53 CPU s per image against :func:`knn`'s 64 MB blocks with argmin
+    and gathers, bench/spade_speed.py).
     """
     queries = ops.convert_to_tensor(queries, dtype="float32")
     m, n = int(queries.shape[0]), int(gallery_aug.shape[0])
