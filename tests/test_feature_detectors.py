@@ -467,3 +467,54 @@ def test_iter_score_streams_what_score_returns(data):
     np.testing.assert_allclose(np.concatenate([s for _, s, _ in parts]), res.scores, rtol=1e-6)
     np.testing.assert_allclose(np.concatenate([m for _, _, m in parts]), res.maps, rtol=1e-6)
     assert det.score(data[1], batch_size=5, keep_maps=False).maps is None
+
+
+def _pairwise(a, b):
+    """float64 Euclidean distances [len(a), len(b)] from direct differences."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+
+def test_min_distances_blocks_match_brute_force():
+    rng = np.random.default_rng(0)
+    q, g = rng.normal(size=(37, 5)).astype(np.float32), rng.normal(size=(101, 5)).astype(np.float32)
+    expect = _pairwise(q, g).min(1)
+    aug = fc.augment_bank(g)
+    for max_elements in (37, 37 * 10, 1 << 21):  # one gallery row per block, ragged blocks, one block
+        got = np.asarray(fc.min_distances(q, aug, max_elements=max_elements))
+        np.testing.assert_allclose(got, expect, rtol=1e-5)
+
+
+def test_spade_blocked_search_matches_brute_force(data, monkeypatch):
+    """Scores and maps (three levels, several test images) against full pairwise distances, then
+    top-k / min, and against the search as it was (``knn`` per image over the whole gallery).
+
+    Tolerances: the search expands |q|^2 + |b|^2 - 2 q.b in float32 (as it always did), the
+    reference takes float64 differences, so the last float32 digits differ: rtol 1e-4, plus
+    atol 1e-5 because the expansion's error in a distance d grows like eps |q|^2 / d (2e-6 at
+    the smallest distances here, 0.01). Against the old search, same expansion: rtol 1e-5."""
+    monkeypatch.setattr(fc, "MIN_BLOCK_ELEMENTS", 1000)  # many blocks, the last one ragged
+    train, test = data[0], data[1][:5]
+    k, levels = 4, (1, 3, 4)
+    det = make(SpadeDetector, k=k, map_levels=levels, sigma=0).fit(train, batch_size=8)
+    scores, maps = det.score_batch(test)
+    f_tr, f_te = det.extractor(train), det.extractor(test)
+    d = _pairwise(np.asarray(f_te["level9"]).mean((1, 2)), np.asarray(f_tr["level9"]).mean((1, 2)))
+    nn = np.argsort(d, axis=1)[:, :k]
+    np.testing.assert_allclose(np.asarray(scores), np.take_along_axis(d, nn, 1).mean(1), rtol=1e-4)
+    ups = []
+    for lv in levels:
+        a_tr, a_te = np.asarray(f_tr[f"level{lv}"]), np.asarray(f_te[f"level{lv}"])
+        n, h, w, c = a_tr.shape
+        full = _pairwise(a_te.reshape(-1, c), a_tr.reshape(-1, c)).reshape(len(test), h * w, n, h * w)
+        lvmap = np.stack([full[i][:, nn[i]].min(axis=(1, 2)) for i in range(len(test))]).reshape(-1, h, w, 1)
+        ups.append(tf.image.resize(lvmap, (SIZE, SIZE), "bilinear")[..., 0].numpy())
+    np.testing.assert_allclose(np.asarray(maps), np.mean(ups, axis=0), rtol=1e-4, atol=1e-5)
+    # the search as it was before the blocked min: one knn (k = 1) per image and level
+    old = []
+    for lv, bank in zip(levels, det.map_banks_):
+        q = np.asarray(f_te[f"level{lv}"])
+        b, h, w, c = q.shape
+        per = [np.asarray(fc.knn(q[i].reshape(-1, c), bank[nn[i]].reshape(-1, c), 1)[0])[:, 0] for i in range(b)]
+        old.append(tf.image.resize(np.stack(per).reshape(b, h, w, 1), (SIZE, SIZE), "bilinear")[..., 0].numpy())
+    np.testing.assert_allclose(np.asarray(maps), np.mean(old, axis=0), rtol=1e-5)

@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import BackboneMixin, gaussian_blur, iter_images, knn, pooled, resize
+from .feature_common import (
+    BackboneMixin, augment_bank, gaussian_blur, iter_images, knn, min_distances, pooled, resize,
+)
 
 STATE_FILE = "spade_state.npz"
 
@@ -87,25 +90,42 @@ class SpadeDetector(BackboneMixin, Detector):
     # -- scoring ---------------------------------------------------------------
     def _tensors(self):
         if getattr(self, "_cache", None) is None:
-            self._cache = (ops.convert_to_tensor(self.image_bank_), [ops.convert_to_tensor(m) for m in self.map_banks_])
+            # per level [n, h*w, c + 1] = [-2 b, |b|^2]: the gallery norms are computed once here
+            aug = [augment_bank(np.reshape(m, (m.shape[0], -1, m.shape[-1]))) for m in self.map_banks_]
+            self._cache = (ops.convert_to_tensor(self.image_bank_), aug)
+            self._search_fn = None
         return self._cache
+
+    @staticmethod
+    def _nearest_in_gallery(query, bank_aug, idx):
+        """[h*w] distances from one image's positions to all positions of bank images ``idx``."""
+        # one gather per image and level: the k images' positions as one [k*h*w, c + 1] gallery
+        gallery = ops.reshape(ops.take(bank_aug, idx, axis=0), (-1, int(bank_aug.shape[-1])))
+        return min_distances(query, gallery)
+
+    def _search(self, query, bank_aug, idx):
+        if not tf.executing_eagerly():  # inside an export trace: inline the ops
+            return self._nearest_in_gallery(query, bank_aug, idx)
+        if getattr(self, "_search_fn", None) is None:
+            # a traced graph per level shape: the ~300 blocks of level 3 would cost ~1 ms each eagerly
+            self._search_fn = tf.function(self._nearest_in_gallery, autograph=False)
+        return self._search_fn(query, bank_aug, idx)
 
     def score_batch(self, images):
         self._check_fitted()
         size = tuple(ops.shape(images)[1:3])
         g, maps = self._split(images)
-        bank_img, bank_maps = self._tensors()
+        bank_img, bank_augs = self._tensors()
         dist, nn = knn(g, bank_img, int(self.k))  # k is clipped to the bank size
         scores = ops.mean(dist, axis=1)
         level_maps = []
-        for f, bank in zip(maps, bank_maps):
+        for f, bank, aug in zip(maps, self.map_banks_, bank_augs):
             b, h, w, c = f.shape
             if (h, w) != tuple(bank.shape[1:3]):
                 raise InputError(f"images give {h}x{w} feature maps, the bank holds {bank.shape[1]}x{bank.shape[2]}")
-            gallery = ops.reshape(ops.take(bank, nn, axis=0), (b, -1, c))  # [B, k*h*w, c]
             query = ops.reshape(f, (b, h * w, c))
             # one image at a time: the gallery differs per test image
-            per = [knn(query[i], gallery[i], 1)[0][:, 0] for i in range(b)]
+            per = [self._search(query[i], aug, nn[i]) for i in range(b)]
             m = ops.reshape(ops.stack(per, axis=0), (b, h, w, 1))
             level_maps.append(resize(m, size, "bilinear")[..., 0])
         maps = gaussian_blur(ops.mean(ops.stack(level_maps, axis=0), axis=0), self.sigma)
