@@ -567,7 +567,8 @@ def min_distances(queries, gallery_aug, max_elements: Optional[int] = None):
     best = None
     for start in range(0, n, block):
         blk = gallery_aug[start : start + block]
-        if keras.backend.backend() == "tensorflow":  # no transposed copy of the block (~15 % faster)
+        tf = _tf_if_backend()
+        if tf is not None:  # no transposed copy of the block (~15 % faster)
             prod = tf.matmul(q_aug, blk, transpose_b=True)
         else:
             prod = ops.matmul(q_aug, ops.transpose(blk))

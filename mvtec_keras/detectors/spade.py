@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import tensorflow as tf
 from keras import ops
+
+from .. import backends
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
@@ -104,6 +105,10 @@ class SpadeDetector(BackboneMixin, Detector):
         return min_distances(query, gallery)
 
     def _search(self, query, bank_aug, idx):
+        if not backends.is_tensorflow():
+            return self._nearest_in_gallery(query, bank_aug, idx)
+        import tensorflow as tf
+
         if not tf.executing_eagerly():  # inside an export trace: inline the ops
             return self._nearest_in_gallery(query, bank_aug, idx)
         if getattr(self, "_search_fn", None) is None:
