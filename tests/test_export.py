@@ -157,6 +157,31 @@ def test_int8_quantises_the_network_and_keeps_the_head_float(runs, category, fam
     assert os.path.getsize(out) < os.path.getsize(os.path.join(runs[family], "export", f"{family}_float32.tflite"))
 
 
+@pytest.mark.parametrize("family", ["padim", "ganomaly"])
+def test_int8_chooses_the_operating_point_again_on_its_own_scores(runs, category, family, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mvtec_keras.cli.finetune import cli as finetune_cli
+
+    run = runs[family]
+    assert finetune_cli(["-p", run, "-q"]) == 0
+    try:
+        with open(os.path.join(run, "finetune.json")) as f:
+            float_op = json.load(f)
+        out = str(tmp_path / f"{family}.tflite")
+        assert export_cli(["-p", run, "--precision", "int8", "--calibration", "5", "--out", out, "-q"]) == 0
+    finally:
+        os.remove(os.path.join(run, "finetune.json"))
+    op = read_metadata(out)["operating_point"]
+    assert op["float_threshold"] == float_op["threshold"] and "int8 scores" in op["chosen_on"]
+    assert op["rule"] == float_op["rule"] and op["decision"] == float_op["decision"]
+    if op["decision"] == "image_score":  # the graph's own decision uses the new threshold
+        runner = Interpreter(model_path=out).get_signature_runner("serve")
+        for img in _val_u8(category):
+            res = runner(image=img[None])
+            assert int(res["decision"][0]) == int(float(res["score"][0]) >= op["threshold"])
+
+
 def test_saved_model_serving_signature_and_onnx(runs, category, tmp_path):
     import tensorflow as tf
 
@@ -322,3 +347,14 @@ def test_python_m_entry_points(runs, folder, tmp_path):
     tfl = os.path.join(runs["mahalanobis"], "export", "mahalanobis_float32.tflite")
     assert main(["predict", "-p", tfl, str(folder / "a_good.png"), "--out", out, "-q"]) == 0
     assert main(["export", "-p", str(tmp_path / "missing")]) == 2
+
+
+def test_graph_decision_threshold_decides_like_thresholds_decide():
+    from mvtec_keras.export.graph import _float32_at_or_above
+
+    rng = np.random.default_rng(0)
+    for v in np.concatenate([rng.normal(0, 100, 2000), [0.1, 1 / 3, 2.0, -0.0]]):
+        t = _float32_at_or_above(v)
+        s = np.float32(v)
+        for c in (np.nextafter(s, np.float32(-np.inf)), s, np.nextafter(s, np.float32(np.inf))):
+            assert (float(c) >= v) == bool(c >= t), (v, c, t)  # float32 compare == float64 compare

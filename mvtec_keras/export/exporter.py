@@ -104,8 +104,17 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
         if refit:  # head refitted on the int8 backbone's features, then the graph converted again
             refit_on_int8_features(det, _uint8_images(train, prep, 100_000), flat)
             if op is not None:  # the head's scores moved: choose the point again, by the same rule
-                op = _rederive_operating_point(op, det, val_u8, cat, prep)
+                op = _rederive_operating_point(op, _keras_scorer(det), val_u8, cat, prep, det)
             flat = convert()
+        elif precision == "int8" and op is not None:
+            # int8 scores differ from float ones: choose the point again on the int8 file's own scores
+            pre = os.path.join(work, "pre.tflite")
+            with open(pre, "wb") as f:
+                f.write(flat)
+            op = _rederive_operating_point(
+                op, lambda u8: _run_exported(pre, "litert", u8, det.has_maps, shape), val_u8, cat, prep, det)
+            if op.get("decision") == "image_score":
+                flat = convert()  # the decision's threshold is inside the graph (same calibration: same int8)
         ops = None
         if fmt == "litert":
             ops = converters.builtin_ops(flat)
@@ -138,9 +147,10 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
                                      "images, scoring those int8 features" if refit else
                                      "the float Keras detector"),
             }
-            if refit and op is not None:
+            if op is not None:
                 meta["int8"]["operating_point_note"] = ("chosen again by the run's rule on the int8 scores of "
-                                                        "the same validation / finetune images")
+                                                        "the same validation / finetune images; "
+                                                        "float_threshold is finetune.json's")
         write_metadata(os.path.join(work, "meta.json"), meta)
         os.replace(made, out)
         os.replace(os.path.join(work, "meta.json"), metadata_path(out))
@@ -155,14 +165,20 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
     return meta
 
 
-def _rederive_operating_point(op: dict, det, val_u8, cat, prep) -> dict:
-    """``op``'s rule applied again to ``det``'s scores (after an int8 refit), on the images it was chosen on."""
-    from .. import thresholds
-
+def _keras_scorer(det):
     def score(images_u8):
         res = det.score(images_u8.astype(np.float32) / 255.0, batch_size=8)
         return res.scores, res.maps
 
+    return score
+
+
+def _rederive_operating_point(op: dict, score, val_u8, cat, prep, det) -> dict:
+    """``op``'s rule applied again to the scores ``score(uint8 images) -> (scores, maps)`` gives, on the
+    validation and finetune images it was chosen on (int8 scores are not the float ones)."""
+    from .. import thresholds
+
+    rule = op.get("requested_rule") or op.get("rule") or ("fpr" if op.get("mode") == "fpr" else "auto")
     val_s, val_m = score(val_u8)
     ft_files = set(op.get("finetune_files") or [])
     ft = [s for s in cat.test if s.path in ft_files]
@@ -172,13 +188,14 @@ def _rederive_operating_point(op: dict, det, val_u8, cat, prep) -> dict:
         labels = np.array([s.label for s in ft])
     map_decisions = op.get("decision") == "segmentation"
     new, _ = thresholds.choose_operating_point(
-        op.get("requested_rule", op["rule"]), val_scores=val_s, val_maps=val_m if map_decisions else None,
+        rule, val_scores=val_s, val_maps=val_m if map_decisions else None,
         ft_scores=ft_s, ft_maps=ft_m if map_decisions else None, ft_labels=labels, map_decisions=map_decisions,
-        gaussian=det.gaussian_score_model() if op["rule"] == "chi2" else None,
+        gaussian=det.gaussian_score_model() if rule == "chi2" else None,
         target_fpr=float(op.get("target_fpr") or 0.01), fpr_min_area=int(op.get("min_area") or 25),
         dtype=op.get("dtype", "float32"))
     kept = {k: v for k, v in op.items() if k not in new and k not in ("score", "tpr", "tnr", "relaxed")}
-    return {**kept, **new, "chosen_on": f"{new.get('chosen_on', '')} (int8 scores)".strip()}
+    return {**kept, **new, "chosen_on": f"{new.get('chosen_on', '')} (int8 scores)".strip(),
+            "float_threshold": op.get("threshold")}
 
 
 def _size(path):

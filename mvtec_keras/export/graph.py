@@ -106,11 +106,18 @@ def serving_fn(det, input_shape, operating_point=None):
         if maps is not None:
             out["map"] = tf.cast(maps, tf.float32)
         if threshold is not None:
-            # float64 comparison, as thresholds.decide does on float32 scores
-            out["decision"] = tf.cast(tf.cast(out["score"], tf.float64) >= np.float64(threshold), tf.uint8)
+            # thresholds.decide compares float32 scores with a float64 threshold; the smallest float32 >= it
+            # gives the same decisions with a float32 op (LiteRT's int8 path has no float64 compare)
+            out["decision"] = tf.cast(out["score"] >= _float32_at_or_above(threshold), tf.uint8)
         return out
 
     return serve
+
+
+def _float32_at_or_above(value: float) -> np.float32:
+    """The smallest float32 >= ``value``: for float32 ``s``, ``s >= value`` iff ``s >= this``."""
+    t = np.float32(value)
+    return np.nextafter(t, np.float32(np.inf)) if float(t) < float(value) else t
 
 
 def build_archive(det, input_shape, operating_point=None, batch_size=None):
