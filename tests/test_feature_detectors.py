@@ -518,3 +518,35 @@ def test_spade_blocked_search_matches_brute_force(data, monkeypatch):
         per = [np.asarray(fc.knn(q[i].reshape(-1, c), bank[nn[i]].reshape(-1, c), 1)[0])[:, 0] for i in range(b)]
         old.append(tf.image.resize(np.stack(per).reshape(b, h, w, 1), (SIZE, SIZE), "bilinear")[..., 0].numpy())
     np.testing.assert_allclose(np.asarray(maps), np.mean(old, axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [MahalanobisDetector, PadimDetector])
+def test_fit_from_statistics_of_parts_equals_one_fit(cls, data):
+    """Leave-one-class-out benchmarks sum each part once and combine: same model as one fit on the union,
+    and scoring from features the caller already extracted gives the detector's own scores."""
+    train, test = data[0], data[1]
+    whole = make(cls).fit(train)
+    parts = make(cls)
+    levels = parts._needed_levels()
+    stats = []
+    for chunk in (train[:5], train[5:12], train[12:]):
+        st = parts.new_statistics()
+        feats = parts._features(chunk, levels)
+        parts.accumulate(st, parts.pooled_features(feats) if cls is MahalanobisDetector else parts.concat_levels(feats))
+        stats.append(st)
+    first = [s["gaussian"].n if isinstance(s, dict) else s[0].n for s in stats]
+    parts.fit_statistics(parts.merge_statistics(stats))
+    # the parts are left as they were, so another combination can use them
+    assert [s["gaussian"].n if isinstance(s, dict) else s[0].n for s in stats] == first
+    assert parts.n_train_ == whole.n_train_ == len(train)
+    expect = whole.score(test).scores
+    feats = parts._features(test, levels)
+    if cls is MahalanobisDetector:
+        got = np.asarray(parts.score_pooled(parts.pooled_features(feats))).sum(axis=1)
+    else:
+        got, maps = parts.score_concat(parts.concat_levels(feats), test.shape[1:3])
+        np.testing.assert_allclose(np.asarray(maps), whole.score(test).maps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-4)
+    # a part-only model differs: the combination really is of all the parts
+    alone = make(cls).fit_statistics(make(cls).merge_statistics(stats[:1]))
+    assert not np.allclose(alone.score(test).scores, expect, rtol=1e-3)

@@ -19,7 +19,7 @@ from keras import ops
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import BackboneMixin, GaussianStats, iter_images, ledoit_wolf, merged, pooled
+from .feature_common import BackboneMixin, GaussianStats, iter_images, ledoit_wolf, pooled
 
 STATE_FILE = "mahalanobis_state.npz"
 
@@ -45,20 +45,48 @@ class MahalanobisDetector(BackboneMixin, Detector):
 
     # -- fitting ---------------------------------------------------------------
     def _fit(self, train, validation=None, batch_size: int = 16, progress: bool = False, **kwargs) -> None:
-        if self.npca_variance is not None and not 0.0 < float(self.npca_variance) < 1.0:
-            raise InputError(f"npca_variance must be in (0, 1), got {self.npca_variance}")
+        self._check_npca()  # before the long pass over the data
         levels = self._needed_levels()
         # Per tf.distribute replica (one without a strategy), one set of sums per level; merged exactly.
         replica_stats: list = []
-        pooled_levels = lambda images: [pooled(f) for f in self._features(images, levels)]  # noqa: E731
+        pooled_levels = lambda images: self.pooled_features(self._features(images, levels))  # noqa: E731
         for x in iter_images(train, batch_size, progress):
             for r, feats in enumerate(self._per_replica(pooled_levels, x)):
                 while len(replica_stats) <= r:
-                    replica_stats.append([GaussianStats(fourth=True) for _ in levels])
-                for st, f in zip(replica_stats[r], feats):
-                    st.update(ops.convert_to_numpy(f))
-        stats = [merged([rs[i] for rs in replica_stats]) for i in range(len(levels))] if replica_stats else \
-            [GaussianStats(fourth=True) for _ in levels]
+                    replica_stats.append(self.new_statistics())
+                self.accumulate(replica_stats[r], feats)
+        self.fit_statistics(self.merge_statistics(replica_stats) if replica_stats else self.new_statistics())
+
+    def _check_npca(self):
+        if self.npca_variance is not None and not 0.0 < float(self.npca_variance) < 1.0:
+            raise InputError(f"npca_variance must be in (0, 1), got {self.npca_variance}")
+
+    # The fit in three steps, so that sums over disjoint parts of the data (replicas, or the
+    # classes of a leave-one-class-out benchmark) can be made once and combined exactly.
+    def pooled_features(self, level_features) -> list:
+        """The extractor's level tensors (in ``levels`` order) -> their global average pools."""
+        return [pooled(f) for f in level_features]
+
+    def new_statistics(self) -> list:
+        """Empty sums, one :class:`GaussianStats` per level."""
+        return [GaussianStats(fourth=True) for _ in self._needed_levels()]
+
+    def accumulate(self, stats: list, pooled_levels) -> None:
+        """Add a batch of pooled features (:meth:`pooled_features`) to ``stats``."""
+        for st, f in zip(stats, pooled_levels):
+            st.update(ops.convert_to_numpy(f))
+
+    def merge_statistics(self, parts: list) -> list:
+        """Sums of several disjoint parts, as new objects (the parts are left as they are)."""
+        out = self.new_statistics()
+        for part in parts:
+            for st, p in zip(out, part):
+                st.merge(p)
+        return out
+
+    def fit_statistics(self, stats: list) -> "MahalanobisDetector":
+        """Finish the fit from summed statistics: Ledoit-Wolf covariance and precision per level."""
+        self._check_npca()
         if stats[0].n < 2:
             raise InputError(f"Mahalanobis needs at least 2 training images, got {stats[0].n}")
         self._cache = None
@@ -73,6 +101,7 @@ class MahalanobisDetector(BackboneMixin, Detector):
         self.shrinkage_ = np.asarray(self.shrinkage_)
         self.n_components_ = np.asarray(self.n_components_)
         self.n_train_ = int(stats[0].n)
+        return self
 
     # -- scoring ---------------------------------------------------------------
     def _tensors(self):
@@ -85,10 +114,14 @@ class MahalanobisDetector(BackboneMixin, Detector):
     def score_levels(self, images):
         """Per-level Mahalanobis distances, ``[B, L]`` in the order of ``levels``."""
         self._check_fitted()
-        feats = self._features(images, self._needed_levels())
+        return self.score_pooled(self.pooled_features(self._features(images, self._needed_levels())))
+
+    def score_pooled(self, pooled_levels):
+        """Per-level distances ``[B, L]`` of pooled features (:meth:`pooled_features`)."""
+        self._check_fitted()
         cols = []
-        for f, (mean, prec) in zip(feats, self._tensors()):
-            diff = pooled(f) - mean[None, :]
+        for f, (mean, prec) in zip(pooled_levels, self._tensors()):
+            diff = f - mean[None, :]
             d2 = ops.sum(ops.matmul(diff, prec) * diff, axis=-1)
             cols.append(ops.sqrt(ops.maximum(d2, 0.0)))
         return ops.stack(cols, axis=1)

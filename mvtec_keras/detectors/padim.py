@@ -18,7 +18,7 @@ from keras import ops
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
 from . import feature_common
-from .feature_common import BackboneMixin, GaussianStats, iter_images, merged, resize, to_rgb, upsample_blur
+from .feature_common import BackboneMixin, GaussianStats, iter_images, resize, to_rgb, upsample_blur
 
 STATE_FILE = "padim_state.npz"
 #: positions whose covariances are inverted per batched call (bounds the float64 temporaries:
@@ -63,44 +63,74 @@ class PadimDetector(BackboneMixin, Detector):
 
     def _concat(self, images):
         """Taps at the finest tap's resolution, concatenated: [B, h, w, C]."""
-        feats = self._features(images, self._needed_levels())
-        size = max((tuple(f.shape[1:3]) for f in feats), key=lambda s: s[0] * s[1])
-        return ops.concatenate([resize(f, size, "nearest") for f in feats], axis=-1)
+        return self.concat_levels(self._features(images, self._needed_levels()))
 
-    def _embed(self, images):
-        return ops.take(self._concat(images), self._tensors()["idx"], axis=-1)
+    @staticmethod
+    def concat_levels(level_features):
+        """The extractor's level tensors -> one map at the finest level's resolution, [B, h, w, C]."""
+        size = max((tuple(f.shape[1:3]) for f in level_features), key=lambda s: s[0] * s[1])
+        return ops.concatenate([resize(f, size, "nearest") for f in level_features], axis=-1)
+
+    def _channel_subset(self, channels: int) -> np.ndarray:
+        """The seeded random subset of channels (fewer than asked if the taps have fewer)."""
+        if int(self.n_features) < 1:
+            raise InputError(f"n_features must be >= 1, got {self.n_features}")
+        rng = np.random.default_rng(int(self.seed))
+        return np.sort(rng.permutation(channels)[: min(int(self.n_features), channels)]).astype(np.int32)
 
     # -- fitting ---------------------------------------------------------------
     def _fit(self, train, validation=None, batch_size: int = 16, progress: bool = False, **kwargs) -> None:
         # One set of sums per tf.distribute replica (one without a strategy), merged exactly at the end.
         replica_stats: list = []
-        idx = None
         for x in iter_images(train, batch_size, progress):
-            for r, emb in enumerate(self._per_replica(self._concat, x)):
-                b, h, w, c = emb.shape
-                if idx is None:
-                    if int(self.n_features) < 1:
-                        raise InputError(f"n_features must be >= 1, got {self.n_features}")
-                    rng = np.random.default_rng(int(self.seed))
-                    # A fixed random subset of channels (fewer than asked if the taps have fewer).
-                    idx = np.sort(rng.permutation(c)[: min(int(self.n_features), c)]).astype(np.int32)
-                    shape = (h, w)
-                elif (h, w) != shape:
-                    raise InputError(f"training images give feature maps {h}x{w}, earlier ones {shape[0]}x{shape[1]}")
-                emb = ops.convert_to_numpy(ops.take(emb, idx, axis=-1))
+            for r, concat in enumerate(self._per_replica(self._concat, x)):
                 while len(replica_stats) <= r:
-                    # float32 chunk products (float64 sums): fast for [positions, d, d], ~1e-6 relative
-                    replica_stats.append(GaussianStats(product_dtype="float32"))
-                replica_stats[r].update(emb.reshape(b, h * w, -1))
-        if idx is None:
+                    replica_stats.append(self.new_statistics())
+                self.accumulate(replica_stats[r], concat)
+        self.fit_statistics(self.merge_statistics(replica_stats) if replica_stats else self.new_statistics())
+
+    # The fit in three steps, so that sums over disjoint parts of the data (replicas, or the
+    # classes of a leave-one-class-out benchmark) can be made once and combined exactly.
+    def new_statistics(self) -> dict:
+        """Empty sums: per-position Gaussian moments and the feature map's shape."""
+        # float32 chunk products (float64 sums): fast for [positions, d, d], ~1e-6 relative
+        return {"gaussian": GaussianStats(product_dtype="float32"), "shape": None, "idx": None}
+
+    def accumulate(self, stats: dict, concat) -> None:
+        """Add a batch of concatenated taps (:meth:`concat_levels`) to ``stats``."""
+        b, h, w, c = concat.shape
+        if stats["idx"] is None:
+            stats["idx"], stats["shape"] = self._channel_subset(int(c)), (int(h), int(w))
+        elif (h, w) != stats["shape"]:
+            raise InputError(f"training images give feature maps {h}x{w}, earlier ones "
+                             f"{stats['shape'][0]}x{stats['shape'][1]}")
+        emb = ops.convert_to_numpy(ops.take(concat, stats["idx"], axis=-1))
+        stats["gaussian"].update(emb.reshape(b, h * w, -1))
+
+    def merge_statistics(self, parts: list) -> dict:
+        """Sums of several disjoint parts, as a new object (the parts are left as they are)."""
+        out = self.new_statistics()
+        for part in parts:
+            if part["idx"] is None:
+                continue
+            if out["shape"] is not None and part["shape"] != out["shape"]:
+                raise InputError(f"cannot merge feature maps {part['shape']} and {out['shape']}")
+            out["idx"], out["shape"] = part["idx"], part["shape"]
+            out["gaussian"].merge(part["gaussian"])
+        return out
+
+    def fit_statistics(self, stats: dict) -> "PadimDetector":
+        """Finish the fit from summed statistics: per-position mean and precision."""
+        if stats["idx"] is None:
             raise InputError("PaDiM got no training images")
-        stats = merged(replica_stats)
+        g = stats["gaussian"]
         self._cache = None
-        self.channel_idx_ = idx
-        self.feature_shape_ = np.asarray(shape, dtype=np.int64)
-        self.mean_ = stats.mean.astype(np.float32)  # [P, d]
-        self.n_train_ = int(stats.n)
-        self.precision_ = precisions(stats, float(self.eps))  # [P, d, d]
+        self.channel_idx_ = stats["idx"]
+        self.feature_shape_ = np.asarray(stats["shape"], dtype=np.int64)
+        self.mean_ = g.mean.astype(np.float32)  # [P, d]
+        self.n_train_ = int(g.n)
+        self.precision_ = precisions(g, float(self.eps))  # [P, d, d]
+        return self
 
     # -- scoring ---------------------------------------------------------------
     def _tensors(self):
@@ -115,7 +145,12 @@ class PadimDetector(BackboneMixin, Detector):
     def distance_map(self, images):
         """Per-position Mahalanobis distance at feature resolution, [B, h, w]."""
         self._check_fitted()
-        emb = self._embed(images)
+        return self.distance_map_of(self._concat(images))
+
+    def distance_map_of(self, concat):
+        """:meth:`distance_map` from concatenated taps (:meth:`concat_levels`)."""
+        self._check_fitted()
+        emb = ops.take(concat, self._tensors()["idx"], axis=-1)
         b, h, w, d = emb.shape
         if (h, w) != tuple(int(v) for v in self.feature_shape_):
             raise InputError(
@@ -131,7 +166,11 @@ class PadimDetector(BackboneMixin, Detector):
         # Eager: the backbone is already a traced graph; the rest is a handful of
         # large ops, so tracing them would cost more than it saves.
         x = to_rgb(images)
-        maps = upsample_blur(self.distance_map(x), tuple(x.shape[1:3]), self.sigma)
+        return self.score_concat(self._concat(x), tuple(x.shape[1:3]))
+
+    def score_concat(self, concat, size):
+        """Image scores and anomaly maps at ``size`` from concatenated taps (:meth:`concat_levels`)."""
+        maps = upsample_blur(self.distance_map_of(concat), size, self.sigma)
         return ops.max(maps, axis=(1, 2)), maps
 
     def gaussian_score_model(self):
