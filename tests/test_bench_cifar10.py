@@ -76,3 +76,27 @@ def test_runs_a_cell_then_skips_it(tmp_path, capsys):
     report = tmp_path / "b.md"
     assert bench.main(argv + ["--report", "--report-path", str(report)]) == 0
     assert "dense_ae" in report.read_text() and "Reproduce:" in report.read_text()
+
+
+def test_shared_pass_gives_the_per_class_fit(tmp_path):
+    """Mahalanobis and PaDiM for the abnormal classes from one backbone pass (sums per class, nine
+    combined) equal fitting each class's leave-one-out detector from its images, cell by cell."""
+    from mvtec_keras.features.extractor import build_feature_extractor
+
+    _fake_zip(tmp_path / "c.zip")
+    weights = str(tmp_path / "lite0.weights.h5")  # one random draw, so every path sees the same backbone
+    build_feature_extractor("efficientnet-lite0", weights=None, input_size=32).save_weights(weights)
+    tiny = ["--set", f"mahalanobis.weights={weights}", "--set", "mahalanobis.input_size=32",
+            "--set", f"padim.weights={weights}", "--set", "padim.input_size=32", "--set", "padim.sigma=1.0"]
+    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "mahalanobis,padim",
+            "--out", str(tmp_path / "r.jsonl"), "--feature-batch", "8", *tiny]
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "r.jsonl") if '"auroc"' in line]
+    assert sorted((r["class"], r["method"]) for r in rows) == [("dog", "mahalanobis"), ("dog", "padim")]
+    assert all(r["n_test"] == 9 * 2 + 4 + 2 for r in rows)  # 9 normal classes' test images + the abnormal 6
+    args = bench.parse_args(argv)
+    data = bench.load_cifar10(args.zip)
+    for r in rows:
+        cell = {"class": r["class"], "method": r["method"], "seed": None, "config": r["config"]}
+        alone = bench.run_cell(cell, *bench.leave_one_out(data, r["class"]), args)
+        assert alone["auroc"] == pytest.approx(r["auroc"], abs=1e-9), r
