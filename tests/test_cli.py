@@ -74,6 +74,14 @@ def test_finetune_then_test_excludes_finetune_split(trained, category):
     assert os.listdir(os.path.join(trained, "test", "segmentations"))
 
 
+def test_finetune_prints_a_few_split_files_not_thousands(trained, monkeypatch, capsys):
+    monkeypatch.setattr(finetune, "SHOWN_FILES", 1)
+    assert finetune.cli(["-p", os.path.join(trained, "model.keras"), "-m", "ssim", "--min-area", "5:50:5"]) == 0
+    out = capsys.readouterr().out
+    n = len(json.load(open(os.path.join(trained, "finetune.json")))["finetune_files"])
+    assert n > 1 and f"{n} finetune images" in out and f"... and {n - 1} more" in out
+
+
 def test_finetune_fpr_mode_and_uint8(trained):
     assert finetune.cli(["-p", trained, "--mode", "fpr", "-t", "uint8", "-q"]) == 0
     ft = json.load(open(os.path.join(trained, "finetune.json")))

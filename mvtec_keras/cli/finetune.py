@@ -40,6 +40,9 @@ from .common import category_from_info, model_dir_from_arg, read_info, run_main,
 
 FINETUNE_FILE = "finetune.json"
 
+#: finetune file names printed (the rest are in finetune.json)
+SHOWN_FILES = 10
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune.py", description=__doc__.split("\n")[0])
@@ -248,9 +251,12 @@ def main(argv=None) -> None:
               f"threshold={result['threshold']:.6g}")
         print(thresholds.describe(op))
         if result["finetune_files"]:
-            print(f"{len(result['finetune_files'])} finetune images (excluded from test.py):")
-            for f in result["finetune_files"]:
+            files = result["finetune_files"]
+            print(f"{len(files)} finetune images (excluded from test.py; all listed in {FINETUNE_FILE}):")
+            for f in files[:SHOWN_FILES]:
                 print(f"  {f}")
+            if len(files) > SHOWN_FILES:  # a CIFAR-10 split holds thousands
+                print(f"  ... and {len(files) - SHOWN_FILES} more")
         print(f"wrote {os.path.join(model_dir, FINETUNE_FILE)}")
 
 
