@@ -363,9 +363,9 @@ def markdown(rows, sessions) -> str:
             "dense AE at the reference's settings (32 px, 15 epochs, batch 64, latent 100, lr 2e-4, last epoch's "
             "weights); feature detectors on EfficientNet-Lite0 (ImageNet) with the images upscaled bilinearly to "
             "224 px. No model selection on test labels, no test-set normalisation.", "",
-            "Timings are wall times of this CPU and depend on what else ran; each session's load average at "
-            "its start is listed under *What ran* (runs here used `nice -n 10` on a 2-core machine shared with "
-            "other jobs, so they are slower than a quiet machine; AUROC is unaffected).", "",
+            "Timings are wall times of the project's 2-core CPU and depend on what else ran (bench sessions "
+            "have run alongside each other and alongside other jobs, so they are slower than a quiet machine); "
+            "each session's load average at its start is listed under *What ran*. AUROC is unaffected.", "",
             "## Honest evaluation (BatchNorm in inference mode)", "",
             "AUROC, mean ± std over seeds (n = runs).", ""]
     if cur:
@@ -418,6 +418,15 @@ def markdown(rows, sessions) -> str:
                        f"{r['auroc']:.3f} |")
     total = sum(r.get("train_s", 0) + r.get("score_s", 0) for r in rows)
     out += ["", f"Total wall time of these cells: {total / 60:.1f} min."]
+    passes = {json.dumps(r["shared_pass"], sort_keys=True) for r in rows if "shared_pass" in r}
+    for p in map(json.loads, sorted(passes)):
+        out.append(f"- {' and '.join(p['methods'])} for {len(p['classes'])} abnormal class(es) came from one shared "
+                   f"backbone pass (`run_gaussian_leave_one_out`: each training image through the backbone once, "
+                   f"sums per class, the nine other classes' sums combined exactly per model): fit pass "
+                   f"{p['fit_pass_s'] / 60:.1f} min over 50,000 training images, scoring pass "
+                   f"{p['score_pass_s'] / 60:.1f} min over 10,000 test images (under every class model) and "
+                   f"{5000 * len(p['classes']):,} abnormal training images; the cells' train/score seconds above "
+                   f"are those passes split evenly over the cells.")
     for s in sessions:
         out.append(f"- session {s.get('started')}: `{s.get('command')}`; load average at start "
                    f"{s.get('load_avg_at_start')}; {s.get('note', '')}")
