@@ -153,14 +153,6 @@ class BackboneMixin:
         return [tf.nest.pack_sequence_as(out, [leaf[r] for leaf in leaves]) for r in range(n)]
 
 
-def merged(stats: list) -> "GaussianStats":
-    """One :class:`GaussianStats` of several replicas' (exact: see :meth:`GaussianStats.merge`)."""
-    first = stats[0]
-    for other in stats[1:]:
-        first.merge(other)
-    return first
-
-
 def batch_function(fn, example):
     """``tf.function`` of ``fn`` traced once for ``example``'s shape with any batch size (TF backend)."""
     import tensorflow as tf

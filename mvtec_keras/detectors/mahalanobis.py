@@ -55,7 +55,8 @@ class MahalanobisDetector(BackboneMixin, Detector):
                 while len(replica_stats) <= r:
                     replica_stats.append(self.new_statistics())
                 self.accumulate(replica_stats[r], feats)
-        self.fit_statistics(self.merge_statistics(replica_stats) if replica_stats else self.new_statistics())
+        stats = self.merge_statistics(replica_stats, copy=False) if replica_stats else self.new_statistics()
+        self.fit_statistics(stats)
 
     def _check_npca(self):
         if self.npca_variance is not None and not 0.0 < float(self.npca_variance) < 1.0:
@@ -76,10 +77,11 @@ class MahalanobisDetector(BackboneMixin, Detector):
         for st, f in zip(stats, pooled_levels):
             st.update(ops.convert_to_numpy(f))
 
-    def merge_statistics(self, parts: list) -> list:
-        """Sums of several disjoint parts, as new objects (the parts are left as they are)."""
-        out = self.new_statistics()
-        for part in parts:
+    def merge_statistics(self, parts: list, copy: bool = True) -> list:
+        """Sums of several disjoint parts: new objects, or with ``copy=False`` the first part,
+        grown in place (no copy of the sums; the other parts are left as they are)."""
+        out, rest = (self.new_statistics(), parts) if copy else (parts[0], parts[1:])
+        for part in rest:
             for st, p in zip(out, part):
                 st.merge(p)
         return out

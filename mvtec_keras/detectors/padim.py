@@ -87,7 +87,9 @@ class PadimDetector(BackboneMixin, Detector):
                 while len(replica_stats) <= r:
                     replica_stats.append(self.new_statistics())
                 self.accumulate(replica_stats[r], concat)
-        self.fit_statistics(self.merge_statistics(replica_stats) if replica_stats else self.new_statistics())
+        # the replicas' sums are this fit's own: combined in place, not copied
+        stats = self.merge_statistics(replica_stats, copy=False) if replica_stats else self.new_statistics()
+        self.fit_statistics(stats)
 
     # The fit in three steps, so that sums over disjoint parts of the data (replicas, or the
     # classes of a leave-one-class-out benchmark) can be made once and combined exactly.
@@ -107,10 +109,11 @@ class PadimDetector(BackboneMixin, Detector):
         emb = ops.convert_to_numpy(ops.take(concat, stats["idx"], axis=-1))
         stats["gaussian"].update(emb.reshape(b, h * w, -1))
 
-    def merge_statistics(self, parts: list) -> dict:
-        """Sums of several disjoint parts, as a new object (the parts are left as they are)."""
-        out = self.new_statistics()
-        for part in parts:
+    def merge_statistics(self, parts: list, copy: bool = True) -> dict:
+        """Sums of several disjoint parts: a new object, or with ``copy=False`` the first part,
+        grown in place (no copy of the [positions, d, d] sums; the other parts are left as they are)."""
+        out, rest = (self.new_statistics(), parts) if copy else (parts[0], parts[1:])
+        for part in rest:
             if part["idx"] is None:
                 continue
             if out["shape"] is not None and part["shape"] != out["shape"]:
