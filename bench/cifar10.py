@@ -483,7 +483,12 @@ def main(argv=None):
         classes = [c for c in CLASSES if any(cell["class"] == c for cell in shared)]
         print(f"{', '.join(methods)} x {len(classes)} class(es): one shared backbone pass", flush=True)
         todo = {cell_key(c) for c in shared}
-        for row in run_gaussian_leave_one_out(data, methods, classes, args):
+        try:
+            rows = run_gaussian_leave_one_out(data, methods, classes, args)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        for row in rows:
             if cell_key(row) in todo:  # a cell already in the results is not written twice
                 _append(args.out, {**row, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
                 print(f"  {row['class']:>10} {row['method']:<18} AUROC {row['auroc']:.3f}", flush=True)

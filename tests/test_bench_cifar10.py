@@ -100,3 +100,13 @@ def test_shared_pass_gives_the_per_class_fit(tmp_path):
         cell = {"class": r["class"], "method": r["method"], "seed": None, "config": r["config"]}
         alone = bench.run_cell(cell, *bench.leave_one_out(data, r["class"]), args)
         assert alone["auroc"] == pytest.approx(r["auroc"], abs=1e-9), r
+
+
+def test_shared_pass_with_two_input_sizes_is_one_error_line(tmp_path, capsys):
+    _fake_zip(tmp_path / "c.zip")
+    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "mahalanobis,padim",
+            "--set", "padim.input_size=64", "--out", str(tmp_path / "r.jsonl")]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one backbone and input size" in err[0]
+    assert '"auroc"' not in (tmp_path / "r.jsonl").read_text()  # no cell written
