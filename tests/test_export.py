@@ -358,3 +358,27 @@ def test_graph_decision_threshold_decides_like_thresholds_decide():
         s = np.float32(v)
         for c in (np.nextafter(s, np.float32(-np.inf)), s, np.nextafter(s, np.float32(np.inf))):
             assert (float(c) >= v) == bool(c >= t), (v, c, t)  # float32 compare == float64 compare
+
+
+def test_pooled_features_survive_litert_mean_over_a_large_map(tmp_path):
+    """LiteRT's MEAN sums sequentially in float32: one mean over 112 x 112 positions drifted ~1e-5 relative,
+    which Mahalanobis' distances on bottle turned into 4e-4. ``pooled`` (rows, then columns) stays close."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mvtec_keras.detectors.feature_common import pooled
+
+    rng = np.random.default_rng(0)
+    x = (3.0 + rng.random((1, 112, 112, 16))).astype(np.float32)  # ReLU6-like, large mean: the hard case
+    truth = x.astype(np.float64).mean(axis=(1, 2))
+    inp = keras.Input((112, 112, 16), batch_size=1)
+    errors = {}
+    for name, fn in {"pooled": pooled, "one_mean": lambda t: keras.ops.mean(t, axis=(1, 2))}.items():
+        path = str(tmp_path / f"{name}.tflite")
+        keras.Model(inp, fn(inp)).export(path, format="litert", verbose=False)
+        it = Interpreter(model_path=path)
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        errors[name] = float(np.max(np.abs(it.get_tensor(it.get_output_details()[0]["index"]) - truth) / truth))
+    assert errors["pooled"] < 1e-6 and errors["pooled"] < errors["one_mean"] / 5, errors

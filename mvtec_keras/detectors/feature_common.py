@@ -180,8 +180,14 @@ def iter_images(data, batch_size: int, progress: bool = False) -> Iterator[np.nd
 
 
 def pooled(feature):
-    """Global average pooling of [B, h, w, c] (a [B, c] input passes through)."""
-    return ops.mean(feature, axis=(1, 2)) if len(feature.shape) == 4 else feature
+    """Global average pooling of [B, h, w, c] (a [B, c] input passes through).
+
+    Rows first, then columns: LiteRT's and onnxruntime's MEAN sum sequentially in float32, and one
+    mean over all 112 x 112 stem positions drifted enough that exported Mahalanobis scores on bottle
+    differed from TF's by 4e-4 relative; over h, then w, they agree within 1e-5."""
+    if len(feature.shape) != 4:
+        return feature
+    return ops.mean(ops.mean(feature, axis=1), axis=1)
 
 
 def resize(x, size, method="bilinear"):
