@@ -95,15 +95,17 @@ def _decode_any(contents: tf.Tensor, is_tiff: tf.Tensor) -> tf.Tensor:
     TIFF alike); TIFF goes through Pillow (TF has no TIFF decoder)."""
 
     def tiff():
-        def _pil(b):
+        def _pil(raw):
             import io
 
             from PIL import Image
 
-            with Image.open(io.BytesIO(b)) as im:
+            with Image.open(io.BytesIO(raw.tobytes())) as im:
                 return _pil_to_unit_float(im)
 
-        return tf.numpy_function(_pil, [contents], tf.float32)
+        # As uint8, not as a string: eagerly (load_image) a string reaches numpy as a 0-d object array,
+        # whose buffer is not the file's bytes, and Pillow could not identify any TIFF.
+        return tf.numpy_function(_pil, [tf.io.decode_raw(contents, tf.uint8)], tf.float32)
 
     def native():
         # float32 output: decode_image scales uint8 by 1/255 and 16-bit PNG by 1/65535.

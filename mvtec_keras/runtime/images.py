@@ -16,13 +16,14 @@ import numpy as np
 
 from ..errors import InputError
 
-#: PIL modes accepted (as training's file check): 8-bit grey or colour, optional alpha / palette
-ACCEPTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
+#: PIL modes accepted (as training's file check): 8-bit grey or colour, optional alpha / palette, 16-bit grey
+ACCEPTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I;16", "I;16B", "I;16L", "I;16N"}
 _GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)  # tf.image.rgb_to_grayscale
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode ``path`` to uint8 ``[H, W, c]`` (c = 1..4); bad files raise one-line InputErrors."""
+    """Decode ``path`` to ``[H, W, c]`` (c = 1..4), uint8, or uint16 for 16-bit grey; bad files raise
+    one-line InputErrors."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
@@ -31,12 +32,13 @@ def read_image(path: str) -> np.ndarray:
         with Image.open(path) as im:
             mode = im.mode
             if mode not in ACCEPTED_MODES:
-                raise InputError(f"unsupported pixel format '{mode}' (8-bit grey or RGB expected): {path}")
+                raise InputError(f"unsupported pixel format '{mode}' (8-bit grey or RGB, or 16-bit grey "
+                                 f"expected): {path}")
             if mode in ("1", "P", "PA"):
                 # as TF's decoders: bilevel -> grey, palette -> its colours (with alpha if any)
                 im = im.convert("L" if mode == "1" else ("RGBA" if mode == "PA" or "transparency" in im.info
                                                          else "RGB"))
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.asarray(im).astype(np.uint16) if mode.startswith("I;16") else np.asarray(im, dtype=np.uint8)
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -45,8 +47,9 @@ def read_image(path: str) -> np.ndarray:
 
 
 def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 ``[H, W, c]`` -> float32 ``[H, W, channels]`` in [0, 1], as training's ``_to_channels``."""
-    x = img.astype(np.float32) * np.float32(1.0 / 255.0)
+    """uint8 / uint16 ``[H, W, c]`` -> float32 ``[H, W, channels]`` in [0, 1], as training's ``_to_channels``
+    (scaled by bit depth, as its decoder)."""
+    x = img.astype(np.float32) * np.float32(1.0 / (65535.0 if img.dtype == np.uint16 else 255.0))
     c = x.shape[-1]
     rgb = x[..., :3] if c >= 3 else np.repeat(x[..., :1], 3, axis=-1)
     if channels == 3:
