@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 
 from ..errors import InputError
-from .graph import NotExportable, build_archive, needs_static_batch, scoring_function
+from .graph import NotExportable, build_archive, check_precision, needs_static_batch, scoring_function
 
 FORMATS = ("litert", "saved_model", "onnx")
 _EXT = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}
@@ -70,6 +70,7 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
     check_request(fmt, precision, calibration)
     det, info, op = _load_run(model_dir)
     scoring_function(det)  # one line and exit 2 for a family that has no graph, before any work
+    check_precision(det, precision)
     prep = Preprocessing.from_dict(info["preprocessing"])
     shape = prep.input_shape
     cat = category_from_info(info)

@@ -77,6 +77,30 @@ def tracked_models(det) -> list:
     return []
 
 
+#: LiteRT precisions whose converter quantises every constant of the graph (it has no float denylist for them)
+WHOLE_GRAPH_PRECISIONS = ("float16", "dynamic")
+
+
+def has_fitted_head(det) -> bool:
+    """Whether the graph holds fitted statistics beside its network: a Gaussian's means and precisions or a
+    memory bank (the feature detectors)."""
+    from ..detectors.ensemble import SeedEnsemble
+
+    if isinstance(det, SeedEnsemble):
+        return any(has_fitted_head(m) for m in det.members_)
+    return hasattr(det, "extractor")
+
+
+def check_precision(det, precision: str) -> None:
+    """One line and exit 2 for a precision that would quantise a fitted head: its distances are differences
+    of nearly equal numbers, and float16 or int8 constants move them far more than they move the backbone."""
+    if precision in WHOLE_GRAPH_PRECISIONS and has_fitted_head(det):
+        raise NotExportable(
+            f"--precision {precision}: not for {det.name}: it quantises every constant, the fitted head's (means, "
+            f"precisions, memory bank) too, which moves the distances; use float32, or int8 (int8 backbone, "
+            f"float head refitted on its features)")
+
+
 def needs_static_batch(det) -> bool:
     """SPADE matches each image against its own gallery in a Python loop over the batch."""
     from ..detectors.ensemble import SeedEnsemble
