@@ -491,3 +491,29 @@ def test_every_autoencoder_in_every_format(cae_runs, name, fmt, precision, tmp_p
         np.testing.assert_allclose(scores, ref_s, rtol=0.5)
     else:
         _assert_parity(fmt, precision, scores, maps, ref_s, ref_m)
+
+
+@pytest.mark.parametrize("kernel,block", [(8, 4), (8, 2), (7, 4), (3, 2)])
+def test_space_to_depth_rewrite_computes_the_same_conv(kernel, block):
+    import keras
+    import tensorflow as tf
+
+    from mvtec_keras.export.rewrite import SpaceToDepthConv2D
+
+    rng = np.random.default_rng(kernel + block)
+    x = rng.normal(size=(2, 16, 24, 5)).astype(np.float32)
+    conv = keras.layers.Conv2D(3, kernel, padding="same", activation="sigmoid")
+    conv.build(x.shape)
+    conv.kernel.assign(rng.normal(size=conv.kernel.shape).astype(np.float32))
+    conv.bias.assign(rng.normal(size=3).astype(np.float32))
+    truth = tf.sigmoid(tf.nn.conv2d(tf.constant(x, tf.float64), tf.constant(conv.kernel.numpy(), tf.float64), 1,
+                                    "SAME") + conv.bias.numpy()).numpy()
+    np.testing.assert_allclose(SpaceToDepthConv2D(conv, block)(x).numpy(), truth, atol=1e-5)
+
+
+def test_autoencoder_export_runs_its_reconstruction_conv_in_space_to_depth_form(runs):
+    # mvtecCAE's last layer (8 x 8 kernel, 3 channels at full size) is rewritten; parity is checked above
+    ops = read_metadata(os.path.join(runs["autoencoder"], "export", "autoencoder_float32.tflite"))["litert_ops"]
+    assert {"SPACE_TO_DEPTH", "DEPTH_TO_SPACE"} <= set(ops)
+    plain = read_metadata(os.path.join(runs["dense_ae"], "export", "dense_ae_float32.tflite"))["litert_ops"]
+    assert "SPACE_TO_DEPTH" not in plain

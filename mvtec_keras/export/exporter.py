@@ -9,7 +9,8 @@ import tempfile
 import numpy as np
 
 from ..errors import InputError
-from .graph import NotExportable, build_archive, check_precision, needs_static_batch, scoring_function
+from .graph import (NotExportable, build_archive, check_precision, fast_networks, needs_static_batch,
+                    scoring_function)
 
 FORMATS = ("litert", "saved_model", "onnx")
 _EXT = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}
@@ -95,7 +96,8 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
 
         def convert():
             shutil.rmtree(sm, ignore_errors=True)
-            converters.write_saved_model(build_archive(det, shape, op, batch_size=batch), sm)
+            with fast_networks(det):
+                converters.write_saved_model(build_archive(det, shape, op, batch_size=batch), sm)
             if fmt != "litert":
                 return None
             rep = converters.representative_from(calib) if calib is not None else None

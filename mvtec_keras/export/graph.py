@@ -16,6 +16,8 @@ that reuses the detector's own scoring code (the same Keras ops that
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -157,6 +159,28 @@ def build_archive(det, input_shape, operating_point=None, batch_size=None):
     spec = tf.TensorSpec([batch_size, *input_shape], tf.uint8, name=INPUT_NAME)
     archive.add_endpoint(ENDPOINT, serving_fn(det, tuple(input_shape), operating_point), input_signature=[spec])
     return archive
+
+
+@contextlib.contextmanager
+def fast_networks(det):
+    """The autoencoders' networks replaced by :func:`rewrite.fast_inference_model` inside the block: build
+    *and write* the archive in it (writing traces again). Outside, the Keras detector, which the export is
+    checked against, has its own networks."""
+    from ..detectors.autoencoder import AutoencoderDetector
+    from .rewrite import fast_inference_model
+
+    swapped = []
+    try:
+        for member in getattr(det, "members_", None) or [det]:
+            if isinstance(member, AutoencoderDetector):
+                fast = fast_inference_model(member.model_)
+                if fast is not None:
+                    swapped.append((member, member.model_))
+                    member.model_ = fast
+        yield
+    finally:
+        for member, model in swapped:
+            member.model_ = model
 
 
 def _warm_caches(det) -> None:

@@ -1,0 +1,89 @@
+"""Exact rewrites of layers that LiteRT runs slowly, applied to a network for export only.
+
+A ``Conv2D`` with very few output channels (an autoencoder's reconstruction
+layer: 8 x 8 kernel, 1 or 3 channels, at full resolution) leaves LiteRT's
+GEMM kernels nearly idle: they compute 8-16 output channels at once. The
+same convolution computed in space-to-depth form (blocks of ``b x b`` pixels
+become channels, a small convolution makes ``b*b`` output channels per block,
+depth-to-space puts them back) gives those kernels full tiles. It computes
+the same sums (float results differ by rounding only), and int8 quantises it
+per output phase, which is finer than per channel.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+#: rewrite a stride-1 'same' Conv2D with at most this many filters and a kernel at least this large
+MAX_FILTERS, MIN_KERNEL, BLOCK = 3, 7, 4
+
+
+def space_to_depth_kernel(kernel: np.ndarray, block: int) -> np.ndarray:
+    """``[k, k, cin, cout]`` of a stride-1 'same' conv -> the ``[n, n, b*b*cin, b*b*cout]`` kernel of the same
+    conv on ``tf.nn.space_to_depth(x, b)`` whose output ``tf.nn.depth_to_space(., b)`` restores."""
+    k, _, cin, cout = kernel.shape
+    before = (k - 1) // 2  # TF's 'same' pads (k - 1) // 2 before
+    lo, hi = -((before + block - 1) // block), (block - 1 + k - 1 - before) // block
+    n = hi - lo + 1
+    if lo != -(n // 2) or n % 2 == 0:
+        raise ValueError(f"kernel {k} with block {block}: its block-space kernel is not centred")
+    w = np.zeros((n, n, block, block, cin, block, block, cout), kernel.dtype)
+    # output pixel (b*Y + p) reads input pixel (b*(Y + a + lo) + s) with tap d = b*(a + lo) + s - p + before
+    for a in range(n):
+        for s in range(block):
+            for p in range(block):
+                dy = block * (a + lo) + s - p + before
+                if not 0 <= dy < k:
+                    continue
+                for c in range(n):
+                    for t in range(block):
+                        for q in range(block):
+                            dx = block * (c + lo) + t - q + before
+                            if 0 <= dx < k:
+                                w[a, c, s, t, :, p, q, :] = kernel[dy, dx]
+    return w.reshape(n, n, block * block * cin, block * block * cout)
+
+
+class SpaceToDepthConv2D(keras.layers.Layer):
+    """A stride-1 'same' ``Conv2D`` computed as space-to-depth -> conv -> depth-to-space (TF ops: export only)."""
+
+    def __init__(self, conv: keras.layers.Conv2D, block: int = BLOCK, **kwargs):
+        super().__init__(name=f"{conv.name}_s2d", **kwargs)
+        kernel = keras.ops.convert_to_numpy(conv.kernel)
+        self.block = block
+        self.activation = conv.activation
+        self._kernel_value = space_to_depth_kernel(kernel, block)
+        bias = keras.ops.convert_to_numpy(conv.bias) if conv.use_bias else np.zeros(kernel.shape[-1], kernel.dtype)
+        self._bias_value = np.tile(bias, block * block)  # depth_to_space channel order: (p, q, cout)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=self._kernel_value.shape, initializer="zeros", name="kernel")
+        self.bias = self.add_weight(shape=self._bias_value.shape, initializer="zeros", name="bias")
+        self.kernel.assign(self._kernel_value)
+        self.bias.assign(self._bias_value)
+
+    def call(self, x):
+        y = tf.nn.conv2d(tf.nn.space_to_depth(x, self.block), self.kernel, 1, "SAME") + self.bias
+        return self.activation(tf.nn.depth_to_space(y, self.block))
+
+
+def _rewritable(layer) -> bool:
+    if type(layer) is not keras.layers.Conv2D:
+        return False
+    c = layer.get_config()
+    h, w = layer.input.shape[1:3]
+    return (c["filters"] <= MAX_FILTERS and min(c["kernel_size"]) >= MIN_KERNEL
+            and c["kernel_size"][0] == c["kernel_size"][1] and tuple(c["strides"]) == (1, 1)
+            and tuple(c["dilation_rate"]) == (1, 1) and c["padding"] == "same" and c.get("groups", 1) == 1
+            and c["data_format"] == "channels_last" and h and w and h % BLOCK == 0 and w % BLOCK == 0)
+
+
+def fast_inference_model(model: keras.Model) -> keras.Model | None:
+    """``model`` with its output-channel-starved convs rewritten (other layers shared, not copied), or None
+    when it has none."""
+    if not isinstance(model, keras.Model) or not any(_rewritable(layer) for layer in model.layers):
+        return None
+    return keras.models.clone_model(
+        model, clone_function=lambda layer: SpaceToDepthConv2D(layer) if _rewritable(layer) else layer)
