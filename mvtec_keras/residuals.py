@@ -63,9 +63,30 @@ def _reflect_indices(n, r):
     return ops.where(i >= n, 2 * n - 1 - i, i)
 
 
+#: axes up to this length are filtered by one matmul with an [n, n] matrix (reflection folded in):
+#: LiteRT runs the 1-channel convolutions below as matrix-vector products (SSIM + blur of a 256 x 256 map:
+#: 18 ms there against 2.4 ms as matmuls); TF is faster with matmuls up to 256 and slower from 512.
+MATRIX_FILTER_MAX = 256
+
+
+def filter_matrix(n: int, taps) -> np.ndarray:
+    """``[n, n]`` float32 ``M`` with ``M @ v`` = ``v`` filtered by ``taps``, mirror-reflected at both ends."""
+    taps = np.asarray(taps, np.float64)
+    r = (len(taps) - 1) // 2
+    src = np.mod(np.arange(n)[:, None] + np.arange(len(taps))[None, :] - r, 2 * n)
+    src = np.where(src >= n, 2 * n - 1 - src, src)
+    m = np.zeros((n, n), np.float64)
+    np.add.at(m, (np.repeat(np.arange(n), len(taps)), src.ravel()), np.tile(taps, n))
+    return m.astype(np.float32)
+
+
 def _filter_stack(x, taps):
     """Separable filter of ``x`` ``[N, H, W]`` with 1-D ``taps``, reflect-extended, same size out."""
     r = (len(taps) - 1) // 2
+    h, w = x.shape[1], x.shape[2]
+    if isinstance(h, int) and isinstance(w, int) and max(h, w) <= MATRIX_FILTER_MAX:
+        x = ops.einsum("ij,njk->nik", ops.convert_to_tensor(filter_matrix(h, taps), dtype=x.dtype), x)  # rows
+        return ops.matmul(x, ops.convert_to_tensor(filter_matrix(w, taps).T, dtype=x.dtype))  # columns
     h, w = ops.shape(x)[1], ops.shape(x)[2]
     x = ops.expand_dims(x, -1)
     k = ops.convert_to_tensor(taps, dtype=x.dtype)

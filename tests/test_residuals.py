@@ -49,9 +49,11 @@ def test_gaussian_kernel_matches_scipy_taps():
             R.gaussian_kernel(size, sigma)
 
 
+@pytest.mark.parametrize("matrix_max", [0, R.MATRIX_FILTER_MAX], ids=["convolutions", "matmuls"])
 @pytest.mark.parametrize("shape,sigma", [((3, 40, 33), 4.0), ((2, 12, 9), 4.0), ((2, 20, 20), 1.3)])
-def test_blur_matches_scipy_reflect(shape, sigma):
+def test_blur_matches_scipy_reflect(shape, sigma, matrix_max, monkeypatch):
     # (2, 12, 9) with sigma 4 has a 16 px radius: the extension reflects more than once.
+    monkeypatch.setattr(R, "MATRIX_FILTER_MAX", matrix_max)  # both implementations of the separable filter
     m = np.random.default_rng(1).random(shape).astype(np.float32)
     out = np.asarray(R.gaussian_blur(m, sigma))
     ref = ndimage.gaussian_filter(m.astype(np.float64), (0, sigma, sigma), mode="reflect", truncate=4.0)
