@@ -9,8 +9,8 @@ import tempfile
 import numpy as np
 
 from ..errors import InputError
-from .graph import (NotExportable, build_archive, check_precision, fast_networks, needs_static_batch,
-                    scoring_function)
+from .graph import (NotExportable, build_archive, check_precision, fast_networks, filters_for,
+                    needs_static_batch, scoring_function)
 
 FORMATS = ("litert", "saved_model", "onnx")
 _EXT = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}
@@ -96,7 +96,7 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
 
         def convert():
             shutil.rmtree(sm, ignore_errors=True)
-            with fast_networks(det):
+            with fast_networks(det), filters_for(precision):
                 converters.write_saved_model(build_archive(det, shape, op, batch_size=batch), sm)
             if fmt != "litert":
                 return None

@@ -103,6 +103,21 @@ def check_precision(det, precision: str) -> None:
             f"float head refitted on its features)")
 
 
+@contextlib.contextmanager
+def filters_for(precision: str):
+    """Inside the block, a float16 / dynamic graph filters (SSIM moments, map blur) by convolution with its
+    few taps: those modes would quantise the [n, n] filter matrices of the matmul form (dynamic: to int8)."""
+    from .. import residuals
+
+    saved = residuals.MATRIX_FILTER_MAX
+    if precision in WHOLE_GRAPH_PRECISIONS:
+        residuals.MATRIX_FILTER_MAX = 0
+    try:
+        yield
+    finally:
+        residuals.MATRIX_FILTER_MAX = saved
+
+
 def needs_static_batch(det) -> bool:
     """SPADE matches each image against its own gallery in a Python loop over the batch."""
     from ..detectors.ensemble import SeedEnsemble
