@@ -52,6 +52,28 @@ def gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
+#: "float16" while a float16 graph is traced (``export.graph.filters_for``): that converter rounds every
+#: constant to float16, and rounded Gaussian taps sum to 1 + 1.6e-4 (11 taps, sigma 1.5), which SSIM's
+#: E[x^2] - E[x]^2 turns into a few % of its contrast term in flat regions; such graphs use
+#: :func:`float16_exact_taps` instead. None everywhere else.
+TAPS_PRECISION = None
+
+
+def float16_exact_taps(taps) -> np.ndarray:
+    """``taps`` rounded to multiples of 2^-m, m as large as keeps every tap under 1900 units (so each is exact
+    in float16), the centre tap taking up the rounding: they sum to exactly 1, and stay symmetric."""
+    taps = np.asarray(taps, np.float64)
+    scale = 2.0 ** np.floor(np.log2(1900.0 / taps.max()))
+    w = np.round(taps * scale)
+    w[len(w) // 2] += scale - w.sum()
+    return (w / scale).astype(np.float32)
+
+
+def _taps(size: int, sigma: float) -> np.ndarray:
+    k = gaussian_kernel(size, sigma)
+    return float16_exact_taps(k) if TAPS_PRECISION == "float16" else k
+
+
 def _reflect_indices(n, r):
     """Source index of each position of an axis of length ``n`` padded by ``r`` each side.
 
@@ -110,7 +132,7 @@ def gaussian_blur(maps, sigma: float = 4.0):
     if sigma == 0:
         return maps
     r = int(4.0 * sigma + 0.5)  # same radius rule as scipy.ndimage
-    return _filter_stack(maps, gaussian_kernel(2 * r + 1, sigma))
+    return _filter_stack(maps, _taps(2 * r + 1, sigma))
 
 
 # -- colour ------------------------------------------------------------------
@@ -167,7 +189,7 @@ def _pair(x, y):
 
 def _ssim_terms(x, y, max_val, win_size, sigma, k1, k2):
     """Per-channel luminance and contrast-structure maps, each ``[B, C, H, W]``."""
-    taps = gaussian_kernel(win_size, sigma)
+    taps = _taps(win_size, sigma)
     h, w, c = x.shape[1], x.shape[2], x.shape[3]
     # Channels (and the five moments) go into the batch axis: one filter call.
     x = ops.reshape(ops.transpose(x, (0, 3, 1, 2)), (-1, h, w))

@@ -277,3 +277,14 @@ def test_to_luminance_matches_pil_bt601():
     np.testing.assert_array_equal(np.asarray(R.to_rgb(gray)), np.repeat(gray, 3, axis=-1))
     with pytest.raises(InputError):
         R.to_rgb(np.zeros((1, 4, 4, 2), np.float32))
+
+
+@pytest.mark.parametrize("size,sigma", [(11, 1.5), (33, 4.0), (17, 2.0)])
+def test_float16_exact_taps_survive_float16_and_sum_to_one(size, sigma):
+    k = R.gaussian_kernel(size, sigma)
+    assert abs(k.astype(np.float16).astype(np.float64).sum() - 1) > 1e-5  # plain taps do not, once rounded
+    t = R.float16_exact_taps(k)
+    np.testing.assert_array_equal(t.astype(np.float16).astype(np.float32), t)
+    assert t.astype(np.float64).sum() == 1.0
+    np.testing.assert_array_equal(t, t[::-1])
+    np.testing.assert_allclose(t, k, atol=1e-3)  # the centre tap takes up the rounding of the others

@@ -106,16 +106,19 @@ def check_precision(det, precision: str) -> None:
 @contextlib.contextmanager
 def filters_for(precision: str):
     """Inside the block, a float16 / dynamic graph filters (SSIM moments, map blur) by convolution with its
-    few taps: those modes would quantise the [n, n] filter matrices of the matmul form (dynamic: to int8)."""
+    few taps: those modes would quantise the [n, n] filter matrices of the matmul form (dynamic: to int8);
+    float16 graphs take taps that float16 represents exactly and that still sum to 1."""
     from .. import residuals
 
-    saved = residuals.MATRIX_FILTER_MAX
+    saved = residuals.MATRIX_FILTER_MAX, residuals.TAPS_PRECISION
     if precision in WHOLE_GRAPH_PRECISIONS:
         residuals.MATRIX_FILTER_MAX = 0
+    if precision == "float16":
+        residuals.TAPS_PRECISION = "float16"
     try:
         yield
     finally:
-        residuals.MATRIX_FILTER_MAX = saved
+        residuals.MATRIX_FILTER_MAX, residuals.TAPS_PRECISION = saved
 
 
 def needs_static_batch(det) -> bool:
