@@ -550,3 +550,23 @@ def test_fit_from_statistics_of_parts_equals_one_fit(cls, data):
     # a part-only model differs: the combination really is of all the parts
     alone = make(cls).fit_statistics(make(cls).merge_statistics(stats[:1]))
     assert not np.allclose(alone.score(test).scores, expect, rtol=1e-3)
+
+
+@pytest.mark.parametrize("n_pos,d", [(11, 5), (7, 4)])  # an odd and an even number of precision floats
+def test_padim_precisions_written_over_the_sums_equal_a_separate_array(n_pos, d, monkeypatch):
+    from mvtec_keras.detectors import padim
+
+    monkeypatch.setattr(padim, "INVERSE_BLOCK", 3)  # several blocks: each written behind the reading position
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, n_pos, d)) + rng.normal(size=(1, n_pos, d))
+    kept, spent = fc.GaussianStats(), fc.GaussianStats()
+    kept.update(x)
+    spent.update(x)
+    expect = padim.precisions(kept, 0.01)
+    got = padim.precisions(spent, 0.01, consume=True)
+    np.testing.assert_array_equal(got, expect)
+    assert got.dtype == np.float32 and got.shape == (n_pos, d, d)
+    np.testing.assert_allclose(kept.covariance(), np.cov(x.reshape(40, -1).T).reshape(
+        n_pos, d, n_pos, d)[np.arange(n_pos), :, np.arange(n_pos), :], rtol=1e-9)  # the kept sums are intact
+    with pytest.raises(RuntimeError, match="consumed"):
+        spent.covariance()

@@ -243,6 +243,8 @@ class GaussianStats:
             self._flush()
 
     def _flush(self) -> None:
+        if getattr(self, "_spent", False):
+            raise RuntimeError("these statistics were consumed by a fit (consume=True) and hold no sums")
         if not self._buf:
             return
         x = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
@@ -341,6 +343,18 @@ class GaussianStats:
     def scatter(self) -> np.ndarray:
         """Sum of outer products of deviations from the mean."""
         return self.scatter_of()
+
+    def scatter_buffer(self):
+        """The float64 array holding the summed outer products, for a caller that finishes with these sums
+        and reuses their memory (then calls :meth:`invalidate`); None when it is not a plain owned array."""
+        self._flush()
+        s2 = self._s2
+        return s2 if isinstance(s2, np.ndarray) and s2.flags.owndata and s2.flags.c_contiguous else None
+
+    def invalidate(self) -> None:
+        """Forget the sums (their memory was reused): later use fails loudly instead of reading garbage."""
+        self._s2 = self._s1 = self._shift = self._s3 = self._s4 = None
+        self._spent = True
 
     def scatter_of(self, positions=slice(None)) -> np.ndarray:
         """:attr:`scatter` of some positions only (a slice of the first position axis)."""

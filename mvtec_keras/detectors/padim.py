@@ -26,17 +26,31 @@ STATE_FILE = "padim_state.npz"
 INVERSE_BLOCK = 512
 
 
-def precisions(stats: GaussianStats, eps: float) -> np.ndarray:
-    """float32 ``inv(cov + eps I)`` per position, a block of positions per batched inverse."""
+def precisions(stats: GaussianStats, eps: float, consume: bool = False) -> np.ndarray:
+    """float32 ``inv(cov + eps I)`` per position, a block of positions per batched inverse.
+
+    ``consume=True`` writes the result over ``stats``' own float64 scatter sums (block ``i``'s float32
+    bytes only overlap float64 blocks already read) and then shrinks that buffer to it, so the fit never
+    holds both (125 MB less peak memory for PaDiM on Lite0); ``stats`` is unusable afterwards.
+    """
     n_pos, d = stats.mean.shape
-    out = np.empty((n_pos, d, d), np.float32)
+    base = stats.scatter_buffer() if consume else None
+    if base is not None:
+        out = base.reshape(-1).view(np.float32)[: n_pos * d * d].reshape(n_pos, d, d)
+    else:
+        out = np.empty((n_pos, d, d), np.float32)
     for lo in range(0, n_pos, INVERSE_BLOCK):
         block = slice(lo, min(lo + INVERSE_BLOCK, n_pos))
-        cov = stats.covariance(ddof=1, positions=block)
+        cov = stats.covariance(ddof=1, positions=block)  # a new array: the block is read before it is written
         diag = np.einsum("...ii->...i", cov)  # writable view of the diagonals
         diag += eps
         out[block] = feature_common.batched_inverse(cov)
-    return out
+    if base is None:
+        return out
+    stats.invalidate()
+    del out
+    base.resize(((n_pos * d * d + 1) // 2,), refcheck=False)  # realloc: the float64 tail is given back
+    return base.view(np.float32)[: n_pos * d * d].reshape(n_pos, d, d)
 
 
 @register_detector("padim")
@@ -89,7 +103,7 @@ class PadimDetector(BackboneMixin, Detector):
                 self.accumulate(replica_stats[r], concat)
         # the replicas' sums are this fit's own: combined in place, not copied
         stats = self.merge_statistics(replica_stats, copy=False) if replica_stats else self.new_statistics()
-        self.fit_statistics(stats)
+        self.fit_statistics(stats, consume=True)
 
     # The fit in three steps, so that sums over disjoint parts of the data (replicas, or the
     # classes of a leave-one-class-out benchmark) can be made once and combined exactly.
@@ -122,8 +136,9 @@ class PadimDetector(BackboneMixin, Detector):
             out["gaussian"].merge(part["gaussian"])
         return out
 
-    def fit_statistics(self, stats: dict) -> "PadimDetector":
-        """Finish the fit from summed statistics: per-position mean and precision."""
+    def fit_statistics(self, stats: dict, consume: bool = False) -> "PadimDetector":
+        """Finish the fit from summed statistics: per-position mean and precision. ``consume=True`` lets the
+        precisions take over the sums' memory (``stats`` is then spent; the fit's own sums are)."""
         if stats["idx"] is None:
             raise InputError("PaDiM got no training images")
         g = stats["gaussian"]
@@ -132,7 +147,7 @@ class PadimDetector(BackboneMixin, Detector):
         self.feature_shape_ = np.asarray(stats["shape"], dtype=np.int64)
         self.mean_ = g.mean.astype(np.float32)  # [P, d]
         self.n_train_ = int(g.n)
-        self.precision_ = precisions(g, float(self.eps))  # [P, d, d]
+        self.precision_ = precisions(g, float(self.eps), consume=consume)  # [P, d, d]
         return self
 
     # -- scoring ---------------------------------------------------------------
