@@ -440,7 +440,8 @@ def test_patchcore_memory_budget(data):
     roomy = make(PatchcoreDetector, coreset_ratio=0.25, memory_budget_mb=64).fit(train)
     np.testing.assert_array_equal(roomy.memory_bank_, base.memory_bank_)  # fits the budget: same bank
     c = base.memory_bank_.shape[1]
-    budget = (200 * 4 * c + 1) / 2**20  # room for exactly 200 of the 24 * 64 = 1536 patches
+    work = min(base.proj_dim, c)  # the budget covers each kept patch and its projection
+    budget = (200 * 4 * (c + work) + 1) / 2**20  # room for exactly 200 of the 24 * 64 = 1536 patches
     tight = make(PatchcoreDetector, coreset_ratio=0.25, memory_budget_mb=budget).fit(train, batch_size=5)
     assert tight.n_train_patches_ == 1536 and tight.n_sampled_patches_ == 200
     assert tight.memory_bank_size_ == 50  # the ratio applies to the sample

@@ -621,8 +621,10 @@ def _greedy_coreset(features, n_select, proj_dim, seed, start, active_size):
     rng = np.random.default_rng(seed)
     if proj_dim is not None and proj_dim < x.shape[1]:
         proj = rng.standard_normal((x.shape[1], proj_dim)).astype(np.float32) / np.sqrt(proj_dim)
-        x = x @ proj
-    x = np.ascontiguousarray(x - x.mean(axis=0))  # centred: less cancellation in |x|^2 - 2x.c + |c|^2
+        x = x @ proj  # the one working copy (PatchCore's memory budget counts it)
+    else:
+        x = np.array(x, dtype=np.float32, order="C")  # a copy: the caller's rows are not centred
+    x -= x.mean(axis=0)  # in place; centred: less cancellation in |x|^2 - 2x.c + |c|^2
     x_sq = np.einsum("ij,ij->i", x, x)
     first = int(rng.integers(n)) if start is None else int(start)
 

@@ -7,11 +7,13 @@ adaptive average pooling over the channel axis. The memory bank is a greedy
 k-center coreset (``coreset_ratio`` of the training patches, computed in a
 random ``proj_dim`` projection, at most ``max_bank_size`` patches).
 
-Fit memory is bounded by ``memory_budget_mb``: the training patches are kept
-as they stream in until they fill the budget; beyond it a seeded uniform
-reservoir sample of that many patches is kept (the bank is subsampled on the
-fly), and the coreset (``coreset_ratio`` of the sample) is taken from it. A
-training set that fits the budget gives exactly the bank of a fit without one.
+Fit memory is bounded by ``memory_budget_mb``, which covers the kept patches
+and the coreset's working copy of them (their ``proj_dim`` projection): the
+training patches are kept as they stream in until they fill the budget; beyond
+it a seeded uniform reservoir sample of that many patches is kept (the bank is
+subsampled on the fly), and the coreset (``coreset_ratio`` of the sample) is
+taken from it. A training set that fits the budget gives exactly the bank of a
+fit without one.
 
 Scoring: distance of every test patch to its nearest bank patch gives the
 map (upsampled, blurred). The image score is the largest patch distance
@@ -94,8 +96,9 @@ class PatchcoreDetector(BackboneMixin, Detector):
             # reservoir and the coreset, so the bank does not depend on the number of replicas.
             f = np.concatenate([ops.convert_to_numpy(p) for p in self._per_replica(self.patch_features, x)])
             if shape is None:
-                shape = f.shape[1:3]
-                cap = max(1, int(float(self.memory_budget_mb) * 2**20) // (4 * f.shape[-1]))
+                shape, c = f.shape[1:3], f.shape[-1]
+                work = min(int(self.proj_dim), c) if self.proj_dim else c  # the coreset's copy of each row
+                cap = max(1, int(float(self.memory_budget_mb) * 2**20) // (4 * (c + work)))
                 sample = PatchReservoir(cap, seed=int(self.seed))
             elif f.shape[1:3] != shape:
                 raise InputError(f"training images give feature maps {f.shape[1:3]}, earlier ones {shape}")
@@ -203,33 +206,32 @@ class PatchReservoir:
     def __init__(self, capacity: int, seed: int = 0):
         self.capacity = int(capacity)
         self.seen = 0
-        self._parts, self._full = [], None
+        self._rows = None  # [capacity, c], allocated once (pages are touched only as rows arrive)
         self._rng = np.random.default_rng(seed)
 
     def add(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float32)
-        if self._full is None:
-            room = self.capacity - self.seen
-            self._parts.append(rows[:room])
-            self.seen += len(rows[:room])
-            rows = rows[room:]
-            if self.seen < self.capacity:
-                return
-            self._full = np.concatenate(self._parts)
-            self._parts = []
+        if self._rows is None:
+            self._rows = np.empty((self.capacity, rows.shape[-1]), np.float32)
+        if self.seen < self.capacity:
+            take = rows[: self.capacity - self.seen]
+            self._rows[self.seen : self.seen + len(take)] = take
+            self.seen += len(take)
+            rows = rows[len(take) :]
         if not len(rows):
             return
         # Row number t (0-based) replaces a random slot j <= t when j < capacity.
         t = self.seen + np.arange(len(rows))
         j = self._rng.integers(0, t + 1)
         keep = j < self.capacity
-        self._full[j[keep]] = rows[keep]  # repeated slots: the later row wins, as in the loop
+        self._rows[j[keep]] = rows[keep]  # repeated slots: the later row wins, as in the loop
         self.seen += len(rows)
 
     def rows(self) -> np.ndarray:
-        if self._full is not None:
-            return self._full
-        return np.concatenate(self._parts) if self._parts else np.zeros((0, 0), np.float32)
+        """The kept rows (a view, no copy): in arrival order while they fit."""
+        if self._rows is None:
+            return np.zeros((0, 0), np.float32)
+        return self._rows[: min(self.seen, self.capacity)]
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
