@@ -14,7 +14,7 @@ d = 100 (taps 3/4/6), Mahalanobis levels 1-9, PatchCore taps 4/6 with a 10 %
 coreset of its ``memory_budget_mb`` sample. Scoring memory is measured on the
 same folder as a test set (the first ``--score-n`` images, maps dropped as they
 stream). Results append to ``bench/results/scale.jsonl``; ``--doc`` rewrites
-``docs/bench_scale.md`` from that file.
+``docs/bench_scale.md`` from that file (``--sizes --doc``: only that).
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def write_doc(rows: list) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle"))
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[1000, 5000, 20000],
+                   help="training-set sizes to run (none: only --doc)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--workdir", default=os.path.join(REPO, "bench", "results", "scale-data"))
     p.add_argument("--score-n", type=int, default=500, help="images scored per run (scoring memory)")
