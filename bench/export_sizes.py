@@ -76,15 +76,10 @@ def main():
                 if rc:
                     print(f"{name:12s} {fmt:11s} {precision:8s} refused: {err.getvalue().strip()}", flush=True)
                     continue
-            if fmt == "saved_model":
-                size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-                par = "-"
-            else:
-                meta = read_metadata(path)
-                size = meta["size_bytes"]
-                par = json.dumps({k: (round(v, 8) if isinstance(v, float) else v)
-                                  for k, v in meta["parity"].items() if k.startswith("max_")})
-            print(f"{name:12s} {fmt:11s} {precision:8s} {size / 1e6:8.2f} MB  parity {par}", flush=True)
+            meta = read_metadata(path)  # export.py's side .json: size and parity, SavedModel folders included
+            par = json.dumps({k: (round(v, 8) if isinstance(v, float) else v)
+                              for k, v in meta["parity"].items() if k.startswith("max_")})
+            print(f"{name:12s} {fmt:11s} {precision:8s} {meta['size_bytes'] / 1e6:8.2f} MB  parity {par}", flush=True)
 
 
 if __name__ == "__main__":
