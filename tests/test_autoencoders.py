@@ -184,3 +184,20 @@ def test_info_contents():
     # returned dicts are copies: callers cannot corrupt the table
     autoencoder_info("mvtecCAE")["reference_params"]["grayscale"] = 0
     assert autoencoder_info("mvtecCAE")["reference_params"]["grayscale"] == EXACT_GRAY["mvtecCAE"]
+
+
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_float32_copy_of_a_mixed_precision_network_computes_like_the_float32_network(name):
+    from mvtec_keras.detectors.autoencoder import AutoencoderDetector
+    from mvtec_keras.models.precision import float32_model, is_mixed
+
+    shape = (SMALL[name], SMALL[name], 1)
+    mixed = AutoencoderDetector(name, shape, precision="mixed_bfloat16").build_model()
+    copy = float32_model(mixed)
+    assert is_mixed(mixed) and not is_mixed(copy)
+    assert float32_model(copy) is copy  # a float32 network is used as it is
+    reference = build_autoencoder(name, input_shape=shape)  # built under the float32 policy
+    reference.set_weights(mixed.get_weights())
+    x = _images(2, shape[0], 1)
+    want = keras.ops.convert_to_numpy(reference(x, training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(copy(x, training=False)), want, rtol=1e-5, atol=1e-6)

@@ -517,3 +517,38 @@ def test_autoencoder_export_runs_its_reconstruction_conv_in_space_to_depth_form(
     assert {"SPACE_TO_DEPTH", "DEPTH_TO_SPACE"} <= set(ops)
     plain = read_metadata(os.path.join(runs["dense_ae"], "export", "dense_ae_float32.tflite"))["litert_ops"]
     assert "SPACE_TO_DEPTH" not in plain
+
+
+def test_a_run_trained_in_bfloat16_exports_in_float32(category, tmp_path):
+    """train.py --precision auto picks mixed_bfloat16 on CPUs with AVX512-BF16/AMX: LiteRT has no bfloat16
+    convolutions, so the export computes in float32 (same weights) and chooses the operating point again."""
+    from mvtec_keras.cli.finetune import cli as finetune_cli
+    from mvtec_keras.data import load_arrays
+    from mvtec_keras.detectors import load_detector
+    from mvtec_keras.export.graph import float32_networks
+    from mvtec_keras.operating_point import configure_detector, load_operating_point
+
+    cat, train, val = category
+    prep = Preprocessing(size=SIZE, color_mode="rgb")
+    det = detector_class("autoencoder")("mvtecCAE", (SIZE, SIZE, 3), epochs=1, batch_size=4,
+                                        precision="mixed_bfloat16")
+    det.fit(load_arrays(train, prep)["image"], verbose=0)
+    run = _write_run(str(tmp_path / "bf16"), det, cat, prep, val)
+    assert finetune_cli(["-p", run, "-q"]) == 0
+    trained_op = json.load(open(os.path.join(run, "finetune.json")))
+    for precision in ("float32", "int8"):
+        out = str(tmp_path / f"bf16_{precision}.tflite")
+        assert export_cli(["-p", run, "--precision", precision, "--calibration", "5", "--out", out, "-q"]) == 0
+        assert converters.flex_ops(open(out, "rb").read()) == []
+        meta = read_metadata(out)
+        assert "mixed_bfloat16" in meta["mixed_precision_training"]
+        assert meta["operating_point"]["finetune_threshold"] == trained_op["threshold"]
+        assert f"{precision} scores" in meta["operating_point"]["chosen_on"]
+    x = _val_u8(category)
+    scores, maps = ExportedModel(str(tmp_path / "bf16_float32.tflite")).score(x)
+    reference = load_detector(run)
+    configure_detector(reference, load_operating_point(run))  # finetune.json's map blur, as the export has it
+    assert float32_networks(reference) == ["autoencoder"]
+    ref_s, ref_m = reference.score_batch(x.astype(np.float32) / 255.0)
+    np.testing.assert_allclose(scores, np.asarray(ref_s).reshape(-1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps, np.asarray(ref_m), atol=1e-3)

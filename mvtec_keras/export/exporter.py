@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 
 from ..errors import InputError
-from .graph import (NotExportable, build_archive, check_precision, fast_networks, filters_for,
+from .graph import (NotExportable, build_archive, check_precision, fast_networks, filters_for, float32_networks,
                     needs_static_batch, scoring_function)
 
 FORMATS = ("litert", "saved_model", "onnx")
@@ -83,6 +83,9 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
         raise InputError(f"--out: {out} exists; remove it or choose another path")
     val_u8 = _uint8_images(val or train, prep, 10_000)
     calib = _uint8_images(train, prep, int(calibration)) if precision == "int8" else None
+    mixed = float32_networks(det)  # a run trained in mixed precision is exported (and checked) in float32
+    if mixed and op is not None:  # its float32 scores are not the 16-bit ones finetune.py chose on
+        op = _rederive_operating_point(op, _keras_scorer(det), val_u8, cat, prep, det, "float32")
     refit = precision == "int8" and hasattr(det, "extractor")
 
     parent = os.path.dirname(out)
@@ -136,6 +139,11 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
         meta = build_metadata(det, info, op, fmt, precision, shape, batch, det.has_maps, parity,
                               exported_scores, size, ops)
         meta["validation_images"] = int(len(val_u8)) if val else 0
+        if mixed:
+            meta["mixed_precision_training"] = (
+                f"{', '.join(mixed)} trained in {det_precision(det)}; the graph (and the Keras reference of the "
+                "parity figures) computes in float32 with the same weights"
+                + ("; the operating point was chosen again on float32 scores" if op is not None else ""))
         if precision == "int8":
             meta["calibration_images"] = int(len(calib))
             meta["int8"] = {
@@ -168,6 +176,11 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
     return meta
 
 
+def det_precision(det) -> str:
+    members = getattr(det, "members_", None) or [det]
+    return ", ".join(sorted({getattr(m, "precision", "float32") for m in members}))
+
+
 def _keras_scorer(det):
     def score(images_u8):
         res = det.score(images_u8.astype(np.float32) / 255.0, batch_size=8)
@@ -176,9 +189,10 @@ def _keras_scorer(det):
     return score
 
 
-def _rederive_operating_point(op: dict, score, val_u8, cat, prep, det) -> dict:
+def _rederive_operating_point(op: dict, score, val_u8, cat, prep, det, scores="int8") -> dict:
     """``op``'s rule applied again to the scores ``score(uint8 images) -> (scores, maps)`` gives, on the
-    validation and finetune images it was chosen on (int8 scores are not the float ones)."""
+    validation and finetune images it was chosen on (int8 scores are not the float ones, float32 scores not
+    those of a network trained and tested in mixed precision). ``scores`` names them in the record."""
     from .. import thresholds
 
     rule = op.get("requested_rule") or op.get("rule") or ("fpr" if op.get("mode") == "fpr" else "auto")
@@ -197,8 +211,9 @@ def _rederive_operating_point(op: dict, score, val_u8, cat, prep, det) -> dict:
         target_fpr=float(op.get("target_fpr") or 0.01), fpr_min_area=int(op.get("min_area") or 25),
         dtype=op.get("dtype", "float32"))
     kept = {k: v for k, v in op.items() if k not in new and k not in ("score", "tpr", "tnr", "relaxed")}
-    return {**kept, **new, "chosen_on": f"{new.get('chosen_on', '')} (int8 scores)".strip(),
-            "float_threshold": op.get("threshold")}
+    previous = "float_threshold" if scores == "int8" else "finetune_threshold"
+    return {**kept, **new, "chosen_on": f"{new.get('chosen_on', '')} ({scores} scores)".strip(),
+            previous: op.get("threshold")}
 
 
 def _size(path):

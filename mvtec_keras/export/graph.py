@@ -179,6 +179,22 @@ def build_archive(det, input_shape, operating_point=None, batch_size=None):
     return archive
 
 
+def float32_networks(det) -> list:
+    """Give every network of ``det`` that was trained in mixed precision a float32 copy (same weights), in place;
+    returns the names of the members changed. The exported graph computes in float32, and so does the Keras
+    detector it is checked against."""
+    from ..models.precision import float32_model
+
+    changed = []
+    for member in getattr(det, "members_", None) or [det]:
+        model = getattr(member, "model_", None)
+        copy = None if model is None else float32_model(model)
+        if copy is not model:
+            member.model_ = copy
+            changed.append(member.name)
+    return changed
+
+
 @contextlib.contextmanager
 def fast_networks(det):
     """The autoencoders' networks replaced by :func:`rewrite.fast_inference_model` inside the block: build
