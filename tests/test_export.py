@@ -511,10 +511,31 @@ def test_space_to_depth_rewrite_computes_the_same_conv(kernel, block):
     np.testing.assert_allclose(SpaceToDepthConv2D(conv, block)(x).numpy(), truth, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,stride", [(4, 2), (3, 2), (2, 2), (6, 3), (5, 2)])
+def test_phase_rewrite_computes_the_same_transposed_conv(kernel, stride):
+    import keras
+    import tensorflow as tf
+
+    from mvtec_keras.export.rewrite import PhaseConv2DTranspose
+
+    rng = np.random.default_rng(kernel + stride)
+    x = rng.normal(size=(2, 5, 7, 4)).astype(np.float32)
+    layer = keras.layers.Conv2DTranspose(3, kernel, strides=stride, padding="same", activation="sigmoid")
+    layer.build(x.shape)
+    layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype(np.float32))
+    layer.bias.assign(rng.normal(size=3).astype(np.float32))
+    out_shape = (2, 5 * stride, 7 * stride, 3)
+    truth = tf.sigmoid(tf.nn.conv2d_transpose(tf.constant(x, tf.float64), tf.constant(layer.kernel.numpy(), tf.float64),
+                                              out_shape, stride, "SAME") + layer.bias.numpy()).numpy()
+    np.testing.assert_allclose(layer(x).numpy(), truth, atol=1e-5)  # the Keras layer is that op
+    np.testing.assert_allclose(PhaseConv2DTranspose(layer)(x).numpy(), truth, atol=1e-5)
+
+
 def test_autoencoder_export_runs_its_reconstruction_conv_in_space_to_depth_form(runs):
     # mvtecCAE's last layer (8 x 8 kernel, 3 channels at full size) is rewritten; parity is checked above
     ops = read_metadata(os.path.join(runs["autoencoder"], "export", "autoencoder_float32.tflite"))["litert_ops"]
     assert {"SPACE_TO_DEPTH", "DEPTH_TO_SPACE"} <= set(ops)
+    assert "TRANSPOSE_CONV" not in ops  # its strided transposed convs run as convs + depth-to-space
     plain = read_metadata(os.path.join(runs["dense_ae"], "export", "dense_ae_float32.tflite"))["litert_ops"]
     assert "SPACE_TO_DEPTH" not in plain
 
@@ -552,3 +573,80 @@ def test_a_run_trained_in_bfloat16_exports_in_float32(category, tmp_path):
     ref_s, ref_m = reference.score_batch(x.astype(np.float32) / 255.0)
     np.testing.assert_allclose(scores, np.asarray(ref_s).reshape(-1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(maps, np.asarray(ref_m), atol=1e-3)
+
+
+@pytest.mark.parametrize("needed", [0, 1, 7, 19])
+def test_int8_guard_keeps_the_fewest_last_layers_float_that_meet_the_limit(monkeypatch, tmp_path, needed):
+    """The bisection, on a stand-in network of 20 layers whose drift falls below the limit once its last
+    ``needed`` layers are float (int8 conversion and scoring are faked; the real ones are in bench/export.py)."""
+    from types import SimpleNamespace
+
+    from mvtec_keras.export import exporter
+
+    scopes = [f"net/layer_{i}" for i in range(20)]
+    ref = np.linspace(1.0, 2.0, 9)
+    converted = []
+
+    def to_lite(float_scopes):
+        assert list(float_scopes) == scopes[len(scopes) - len(float_scopes):]  # always a tail
+        converted.append(len(float_scopes))
+        return str(len(float_scopes)).encode()
+
+    def run_exported(path, fmt, images, has_maps, shape):
+        n = int(open(path, "rb").read())
+        return ref * (1 + (0.005 if n >= needed else 0.3 - 0.01 * n)), None
+
+    monkeypatch.setattr(exporter, "_keras_scorer", lambda det: lambda u8: (ref, None))
+    monkeypatch.setattr(exporter, "_run_exported", run_exported)
+    monkeypatch.setattr(exporter, "network_prefixes", lambda det: ["net"])
+    monkeypatch.setattr("mvtec_keras.export.quantize.network_scopes", lambda flat, prefixes: scopes)
+    det = SimpleNamespace(name="stand-in", has_maps=False)
+    flat, record = exporter._int8_guard(b"0", to_lite, det, np.zeros((9, 4, 4, 1), np.uint8), (4, 4, 1),
+                                        str(tmp_path))
+    assert flat == str(needed).encode() and len(record["float_scopes"]) == needed
+    assert record["float_scopes"] == tuple(scopes[20 - needed:])
+    assert record["score_drift"] == pytest.approx(0.005) and record["network_layers"] == 20
+    assert record["score_drift_all_int8"] == pytest.approx(0.005 if needed == 0 else 0.3)
+    assert len(converted) <= 6  # bisection: about log2(20) conversions, not 20
+
+
+def test_int8_guard_refuses_a_network_that_misses_the_limit_with_only_its_first_layer_int8(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from mvtec_keras.export import exporter
+
+    monkeypatch.setattr(exporter, "_keras_scorer", lambda det: lambda u8: (np.ones(3), None))
+    monkeypatch.setattr(exporter, "_run_exported", lambda *a: (np.full(3, 1.5), None))
+    monkeypatch.setattr(exporter, "network_prefixes", lambda det: ["net"])
+    monkeypatch.setattr("mvtec_keras.export.quantize.network_scopes", lambda flat, prefixes: ["net/a", "net/b"])
+    with pytest.raises(exporter.NotExportable, match="drift by 50.00%.*first layer int8.*export float32"):
+        exporter._int8_guard(b"0", lambda s: b"1", SimpleNamespace(name="x", has_maps=False),
+                             np.zeros((3, 4, 4, 1), np.uint8), (4, 4, 1), str(tmp_path))
+
+
+def test_int8_autoencoder_records_its_score_drift_and_refuses_past_the_limit(runs, category, tmp_path,
+                                                                           monkeypatch, capsys):
+    from mvtec_keras.export import exporter
+
+    run = runs["autoencoder"]
+    first = str(tmp_path / "a.tflite")
+    assert export_cli(["-p", run, "--precision", "int8", "--calibration", "5", "--out", first, "-q"]) == 0
+    guard = read_metadata(first)["int8"]["float_layers_guard"]
+    x = _val_u8(category)
+    ref, _ = _keras_scores(run, x)
+
+    def drift(path):
+        s, _ = ExportedModel(path).score(x)
+        return float(np.median(np.abs(s - ref)) / np.median(np.abs(ref)))
+
+    assert guard["score_drift"] <= guard["limit"] == exporter.INT8_MAX_SCORE_DRIFT
+    assert drift(first) == pytest.approx(guard["score_drift"], rel=1e-3, abs=1e-7)  # measured on these images
+    assert guard["float_layers"] == [] and guard["score_drift_all_int8"] == guard["score_drift"] > 0
+    # no number of float layers can meet a zero limit: one line, exit 2, nothing written
+    monkeypatch.setattr(exporter, "INT8_MAX_SCORE_DRIFT", 0.0)
+    third = str(tmp_path / "c.tflite")
+    capsys.readouterr()
+    assert export_cli(["-p", run, "--precision", "int8", "--calibration", "5", "--out", third, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drift" in err[0] and "float32" in err[0]
+    assert not os.path.exists(third) and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-export")]

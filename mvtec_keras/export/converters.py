@@ -30,11 +30,13 @@ def write_saved_model(archive, path: str) -> None:
     archive.write_out(path, verbose=False)
 
 
-def to_litert(saved_model_dir: str, precision: str = "float32", representative=None, network_prefixes=()) -> bytes:
+def to_litert(saved_model_dir: str, precision: str = "float32", representative=None, network_prefixes=(),
+              float_scopes=()) -> bytes:
     """Convert the ``serve`` signature of a SavedModel to a LiteRT flatbuffer.
 
     int8 only: ``representative``, a callable yielding ``[uint8 image batch]`` lists;
-    ``network_prefixes``, the op-name prefixes quantised to int8 (the rest stays float).
+    ``network_prefixes``, the op-name prefixes quantised to int8 (the rest stays float);
+    ``float_scopes``, network layers kept float all the same (``quantize.network_scopes``).
     """
     if precision not in PRECISIONS:
         raise NotExportable(f"--precision: unknown '{precision}'; choose {', '.join(PRECISIONS)}")
@@ -54,7 +56,7 @@ def to_litert(saved_model_dir: str, precision: str = "float32", representative=N
 
             if representative is None:
                 raise ValueError("int8 needs a representative dataset")
-            flat = int8_litert(saved_model_dir, representative, network_prefixes)
+            flat = int8_litert(saved_model_dir, representative, network_prefixes, float_scopes)
         else:
             flat = converter().convert()
     except NotExportable:

@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import InputError
 from .graph import (NotExportable, build_archive, check_precision, fast_networks, filters_for, float32_networks,
                     needs_static_batch, scoring_function)
+from .quantize import network_prefixes
 
 FORMATS = ("litert", "saved_model", "onnx")
 _EXT = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}
@@ -92,21 +93,26 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
-        from .quantize import network_prefixes, refit_on_int8_features
+        from .quantize import refit_on_int8_features
 
         batch = 1 if fmt == "litert" or needs_static_batch(det) else None
         sm = os.path.join(work, "saved_model")
+
+        guard = {"float_scopes": ()}  # int8: network layers kept float (see _int8_guard)
+
+        def to_lite(float_scopes):
+            rep = converters.representative_from(calib) if calib is not None else None
+            return converters.to_litert(sm, precision, rep, network_prefixes(det), float_scopes)
 
         def convert():
             shutil.rmtree(sm, ignore_errors=True)
             with fast_networks(det), filters_for(precision):
                 converters.write_saved_model(build_archive(det, shape, op, batch_size=batch), sm)
-            if fmt != "litert":
-                return None
-            rep = converters.representative_from(calib) if calib is not None else None
-            return converters.to_litert(sm, precision, rep, network_prefixes(det))
+            return to_lite(guard["float_scopes"]) if fmt == "litert" else None
 
         flat = convert()
+        if precision == "int8" and not refit:
+            flat, guard = _int8_guard(flat, to_lite, det, val_u8, shape, work)
         if refit:  # head refitted on the int8 backbone's features, then the graph converted again
             refit_on_int8_features(det, _uint8_images(train, prep, 100_000), flat)
             if op is not None:  # the head's scores moved: choose the point again, by the same rule
@@ -152,12 +158,18 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
                 "kept_float": "everything outside the network: input scaling and colour, the "
                               + ("feature distance (Gaussian / nearest-neighbour) head, " if refit else
                                  "residual map or latent distance, ")
-                              + "upsampling, blur and the score reduction",
+                              + "upsampling, blur and the score reduction"
+                              + (f"; and the network's last {len(guard['float_scopes'])} layers "
+                                 f"({', '.join(guard['float_scopes'])})" if guard["float_scopes"] else ""),
                 "head_refitted_on_int8_features": bool(refit),
                 "parity_reference": ("the Keras head refitted on the int8 backbone's features of the training "
                                      "images, scoring those int8 features" if refit else
                                      "the float Keras detector"),
             }
+            if "score_drift" in guard:
+                meta["int8"]["float_layers_guard"] = {
+                    "float_layers": list(guard["float_scopes"]),
+                    **{k: v for k, v in guard.items() if k != "float_scopes"}}
             if op is not None:
                 meta["int8"]["operating_point_note"] = ("chosen again by the run's rule on the int8 scores of "
                                                         "the same validation / finetune images; "
@@ -174,6 +186,54 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
                                                        if parity.get("max_map_abs_diff") is not None else ""))
     meta["path"] = out
     return meta
+
+
+#: int8 of a network scored as it is (autoencoders, GANs): at most this drift of the validation scores,
+#: median |int8 - float| / median |float|; beyond it the network's last layers stay float (_int8_guard)
+INT8_MAX_SCORE_DRIFT = 0.01
+
+
+def _int8_guard(flat: bytes, to_lite, det, val_u8, shape, work):
+    """Keep float the fewest last layers of the network that bring the int8 file's validation scores within
+    :data:`INT8_MAX_SCORE_DRIFT` of the float detector's: ``(flat, record)``. Errors of int8 activations add
+    up along a decoder and an SSIM map magnifies them (mvtecCAE at 256 px on bottle: a 26 % median drift with
+    the whole network int8, bench/export.py); the layers nearest the output are where they count most.
+    Chosen on validation normals only, by bisection over the number of float layers."""
+    from .quantize import network_scopes
+
+    ref, _ = _keras_scorer(det)(val_u8)
+    ref = np.asarray(ref, np.float64).reshape(-1)
+    scale = max(float(np.median(np.abs(ref))), 1e-12)
+    scopes = network_scopes(flat, network_prefixes(det))
+    tried = {}
+
+    def drift(n):
+        if n not in tried:
+            candidate = flat if n == 0 else to_lite(tuple(scopes[len(scopes) - n:]))
+            pre = os.path.join(work, "guard.tflite")
+            with open(pre, "wb") as f:
+                f.write(candidate)
+            s, _ = _run_exported(pre, "litert", val_u8, det.has_maps, shape)
+            tried[n] = (float(np.median(np.abs(np.asarray(s, np.float64) - ref)) / scale), candidate)
+        return tried[n][0]
+
+    full = drift(0)
+    lo, hi = 0, len(scopes) - 1  # the first layer stays int8: a network all float is not an int8 export
+    if full > INT8_MAX_SCORE_DRIFT:
+        if drift(hi) > INT8_MAX_SCORE_DRIFT:
+            raise NotExportable(
+                f"--precision int8: {det.name}'s validation scores drift by {tried[hi][0]:.2%} (median) from the "
+                f"float model's even with only its first layer int8 (limit {INT8_MAX_SCORE_DRIFT:.2%}); "
+                "export float32")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if drift(mid) <= INT8_MAX_SCORE_DRIFT else (mid, hi)
+    n = 0 if full <= INT8_MAX_SCORE_DRIFT else hi
+    float_scopes = tuple(scopes[len(scopes) - n:]) if n else ()
+    record = {"float_scopes": float_scopes, "score_drift": tried[n][0], "score_drift_all_int8": full,
+              "limit": INT8_MAX_SCORE_DRIFT, "network_layers": len(scopes),
+              "measured_on": f"{len(val_u8)} validation images, median |int8 - float| / median |float|"}
+    return tried[n][1], record
 
 
 def det_precision(det) -> str:

@@ -49,8 +49,24 @@ def _op_output_names(flat: bytes) -> list:
     return names
 
 
-def int8_litert(saved_model_dir: str, representative, prefixes) -> bytes:
-    """Calibrate on ``representative``, quantise the ops named under ``prefixes`` to int8, keep the rest float."""
+def _scope(name: str) -> str:
+    """``model/layer`` of an op output name (fused ops join several names with ';': the first names it)."""
+    return "/".join(name.split(";")[0].split("/")[:2])
+
+
+def network_scopes(flat: bytes, prefixes) -> list:
+    """The network's layer scopes (``model/layer``) in the order their ops run in ``flat``."""
+    scopes = []
+    for name in _op_output_names(flat):
+        scope = _scope(name)
+        if any(name.startswith(p) for p in prefixes) and scope not in scopes:
+            scopes.append(scope)
+    return scopes
+
+
+def int8_litert(saved_model_dir: str, representative, prefixes, float_scopes=()) -> bytes:
+    """Calibrate on ``representative``, quantise the ops named under ``prefixes`` to int8, keep the rest float
+    (and the network's layers in ``float_scopes``, see :func:`network_scopes`)."""
     if not prefixes:
         raise NotExportable("int8: this detector has no network to quantise")
     c = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=[ENDPOINT])
@@ -61,8 +77,9 @@ def int8_litert(saved_model_dir: str, representative, prefixes) -> bytes:
     # (and checks one image through a debug model).
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=c, debug_dataset=lambda: (batch for _, batch in zip(range(1), representative())))
+    float_scopes = set(float_scopes)
     keep_float = [n for n in _op_output_names(debugger.calibrated_model)
-                  if not any(n.startswith(p) for p in prefixes)]
+                  if not any(n.startswith(p) for p in prefixes) or _scope(n) in float_scopes]
     debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep_float)
     return debugger.get_nondebug_quantized_model()
 

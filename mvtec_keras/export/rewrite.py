@@ -69,6 +69,69 @@ class SpaceToDepthConv2D(keras.layers.Layer):
         return self.activation(tf.nn.depth_to_space(y, self.block))
 
 
+def transposed_conv_phase_kernel(kernel: np.ndarray, stride: int) -> np.ndarray | None:
+    """``[k, k, cout, cin]`` of a 'same' ``Conv2DTranspose`` with ``stride`` -> the ``[n, n, cin, s*s*cout]``
+    kernel of a stride-1 'same' conv whose ``tf.nn.depth_to_space(., s)`` is the transposed conv's output
+    (None for a kernel smaller than the stride)."""
+    k, _, cout, cin = kernel.shape
+    s = stride
+    before = (k - s) // 2  # the forward conv's 'same' padding before, for an input of s * H
+    # output pixel s*m + p reads input pixel m + d with tap t = p + before - s*d
+    reach = max((k - 1 - before) // s, (s - 1 + before) // s)
+    d_lo, n = -reach, 2 * reach + 1  # centred: the taps a side does not reach stay zero
+    if k < s:
+        return None
+    w = np.zeros((n, n, cin, s, s, cout), kernel.dtype)
+    for a in range(n):
+        for p in range(s):
+            ty = p + before - s * (a + d_lo)
+            if not 0 <= ty < k:
+                continue
+            for b in range(n):
+                for q in range(s):
+                    tx = q + before - s * (b + d_lo)
+                    if 0 <= tx < k:
+                        w[a, b, :, p, q, :] = kernel[ty, tx].T
+    return w.reshape(n, n, cin, s * s * cout)
+
+
+class PhaseConv2DTranspose(keras.layers.Layer):
+    """A strided 'same' ``Conv2DTranspose`` computed as a stride-1 conv making one channel group per output
+    phase, then depth-to-space (TF ops: export only). Same sums; LiteRT's int8 TRANSPOSE_CONV loses far more
+    than its CONV_2D (bench/export.py, mvtecCAE at 256 px)."""
+
+    def __init__(self, layer: keras.layers.Conv2DTranspose, **kwargs):
+        super().__init__(name=f"{layer.name}_phase", **kwargs)
+        self.stride = int(layer.strides[0])
+        self.activation = layer.activation
+        self._kernel_value = transposed_conv_phase_kernel(keras.ops.convert_to_numpy(layer.kernel), self.stride)
+        cout = int(layer.kernel.shape[2])
+        bias = (keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else np.zeros(cout, np.float32))
+        self._bias_value = np.tile(bias, self.stride * self.stride)  # depth_to_space order: (p, q, cout)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=self._kernel_value.shape, initializer="zeros", name="kernel")
+        self.bias = self.add_weight(shape=self._bias_value.shape, initializer="zeros", name="bias")
+        self.kernel.assign(self._kernel_value)
+        self.bias.assign(self._bias_value)
+
+    def call(self, x):
+        y = tf.nn.conv2d(x, self.kernel, 1, "SAME") + self.bias
+        return self.activation(tf.nn.depth_to_space(y, self.stride))
+
+
+def _transposed_rewritable(layer) -> bool:
+    if type(layer) is not keras.layers.Conv2DTranspose:
+        return False
+    c = layer.get_config()
+    strides, kernel = tuple(c["strides"]), tuple(c["kernel_size"])
+    return (strides[0] == strides[1] > 1 and kernel[0] == kernel[1] and c["padding"] == "same"
+            and c.get("output_padding") is None and tuple(c["dilation_rate"]) == (1, 1)
+            and c["data_format"] == "channels_last"
+            and transposed_conv_phase_kernel(np.zeros((kernel[0], kernel[0], 1, 1), np.float32), strides[0])
+            is not None)
+
+
 def _rewritable(layer) -> bool:
     if type(layer) is not keras.layers.Conv2D:
         return False
@@ -83,7 +146,13 @@ def _rewritable(layer) -> bool:
 def fast_inference_model(model: keras.Model) -> keras.Model | None:
     """``model`` with its output-channel-starved convs rewritten (other layers shared, not copied), or None
     when it has none."""
-    if not isinstance(model, keras.Model) or not any(_rewritable(layer) for layer in model.layers):
+    if not isinstance(model, keras.Model) or not any(_rewritable(layer) or _transposed_rewritable(layer)
+                                                     for layer in model.layers):
         return None
-    return keras.models.clone_model(
-        model, clone_function=lambda layer: SpaceToDepthConv2D(layer) if _rewritable(layer) else layer)
+
+    def rewrite(layer):
+        if _rewritable(layer):
+            return SpaceToDepthConv2D(layer)
+        return PhaseConv2DTranspose(layer) if _transposed_rewritable(layer) else layer
+
+    return keras.models.clone_model(model, clone_function=rewrite)
