@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 TARGET_MS = {"padim": 15.0, "mahalanobis": 15.0, "mvteccae": 15.0, "patchcore": 40.0}
 
 
-def build_run(method, data, out, cae_epochs, cae_size=256, cae_lr=None):
+def build_run(method, data, out, cae_epochs, cae_size=256, cae_lr=None, cae_rotation=5.0, cae_precision="auto"):
     if os.path.isfile(os.path.join(out, "info.json")):
         return out
     if method == "mvteccae":
@@ -38,7 +38,7 @@ def build_run(method, data, out, cae_epochs, cae_size=256, cae_lr=None):
 
         lr = [] if cae_lr is None else ["--lr", str(cae_lr)]
         rc = cli(["-d", data, "-a", "mvtecCAE", "-c", "grayscale", "--size", str(cae_size), "--epochs", str(cae_epochs),
-                  "--rotation", "180", *lr, "--out", out, "-q"])
+                  "--rotation", str(cae_rotation), "--precision", cae_precision, *lr, "--out", out, "-q"])
     else:
         from mvtec_keras.cli.extract import cli
 
@@ -75,6 +75,7 @@ def evaluate(method, run, n_latency):
     from mvtec_keras import metrics
     from mvtec_keras.cli.common import category_from_info, read_info
     from mvtec_keras.detectors import load_detector
+    from mvtec_keras.export.graph import float32_networks
     from mvtec_keras.runtime.images import read_image, to_model_input, to_uint8
     from mvtec_keras.runtime.model import ExportedModel
 
@@ -91,10 +92,19 @@ def evaluate(method, run, n_latency):
                       (np.asarray(Image.open(s.mask_path).convert("L").resize((size, size), Image.NEAREST)) > 0)
                       .astype(np.uint8) for s in test])
     det = load_detector(run)
+    as_trained = None
+    if float32_networks(det):  # trained in mixed precision: the exports compute in float32, so does the reference
+        as_trained = load_detector(run)
+        precision = as_trained.precision
     artefacts = {"keras": None, "litert_float32": export(run, "litert", "float32"),
                  "litert_int8": export(run, "litert", "int8"), "onnx": export(run, "onnx", "float32")}
     rows = {}
     ref = None
+    if as_trained is not None:  # test.py's figure: the network in the precision it was trained in
+        s = np.concatenate([np.asarray(as_trained.score_batch(x[i : i + 8].astype(np.float32) / 255.0)[0]).reshape(-1)
+                            for i in range(0, len(x), 8)])
+        rows[f"keras_{precision}"] = {"image_auroc": metrics.image_auroc(labels, s)}
+        print(f"  keras_{precision}: image_auroc={rows[f'keras_{precision}']['image_auroc']:.4g}", flush=True)
     for name, path in artefacts.items():
         if path is None:
             def score(b):
@@ -133,9 +143,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=os.path.join("..", "shared", "data", "mvtec_ad", "bottle"))
     p.add_argument("--methods", default="padim,mahalanobis,patchcore,mvteccae")
-    p.add_argument("--cae-epochs", type=int, default=5)
+    # mvtecCAE as bench/autoencoders.py trains it for docs/bench_autoencoders.md (the README's 256 px row)
+    p.add_argument("--cae-epochs", type=int, default=100)
     p.add_argument("--cae-size", type=int, default=256, help="mvtecCAE image size (its run is mvteccae_SIZE if not 256)")
-    p.add_argument("--cae-lr", type=float, default=None, help="mvtecCAE learning rate (default: train.py's)")
+    p.add_argument("--cae-lr", type=float, default=5e-4, help="mvtecCAE learning rate")
+    p.add_argument("--cae-rotation", type=float, default=5.0, help="mvtecCAE train.py --rotation (degrees)")
+    p.add_argument("--cae-precision", default="auto", help="mvtecCAE train.py --precision (auto: bfloat16 on a CPU "
+                   "with AVX512-BF16/AMX); its exports compute in float32 either way")
     p.add_argument("--latency-runs", type=int, default=30)
     p.add_argument("--out", default=os.path.join("runs", "bench_export"))
     args = p.parse_args()
@@ -156,7 +170,8 @@ def main():
         load = os.getloadavg()[0]
         print(f"{method}: (load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
         key = f"{method}_{args.cae_size}" if method == "mvteccae" and args.cae_size != 256 else method
-        run = build_run(method, args.data, os.path.join(args.out, key), args.cae_epochs, args.cae_size, args.cae_lr)
+        run = build_run(method, args.data, os.path.join(args.out, key), args.cae_epochs, args.cae_size, args.cae_lr,
+                        args.cae_rotation, args.cae_precision)
         results[key] = evaluate(method, run, args.latency_runs)
         rows = results[key]
         rows["load_average_at_start"] = load
