@@ -535,7 +535,14 @@ def test_autoencoder_export_runs_its_reconstruction_conv_in_space_to_depth_form(
     # mvtecCAE's last layer (8 x 8 kernel, 3 channels at full size) is rewritten; parity is checked above
     ops = read_metadata(os.path.join(runs["autoencoder"], "export", "autoencoder_float32.tflite"))["litert_ops"]
     assert {"SPACE_TO_DEPTH", "DEPTH_TO_SPACE"} <= set(ops)
-    assert "TRANSPOSE_CONV" not in ops  # its strided transposed convs run as convs + depth-to-space
+    assert "TRANSPOSE_CONV" in ops  # float graphs keep them: the phase form holds zero taps
+
+
+def test_int8_autoencoder_runs_its_transposed_convs_in_phase_form(runs, tmp_path):
+    out = str(tmp_path / "ae.tflite")
+    assert export_cli(["-p", runs["autoencoder"], "--precision", "int8", "--calibration", "5", "--out", out, "-q"]) == 0
+    ops = read_metadata(out)["litert_ops"]
+    assert "TRANSPOSE_CONV" not in ops and "DEPTH_TO_SPACE" in ops  # convs + depth-to-space, same sums
     plain = read_metadata(os.path.join(runs["dense_ae"], "export", "dense_ae_float32.tflite"))["litert_ops"]
     assert "SPACE_TO_DEPTH" not in plain
 

@@ -106,7 +106,7 @@ def export_run(model_dir: str, fmt: str = "litert", precision: str = "float32", 
 
         def convert():
             shutil.rmtree(sm, ignore_errors=True)
-            with fast_networks(det), filters_for(precision):
+            with fast_networks(det, precision), filters_for(precision):
                 converters.write_saved_model(build_archive(det, shape, op, batch_size=batch), sm)
             return to_lite(guard["float_scopes"]) if fmt == "litert" else None
 

@@ -196,10 +196,10 @@ def float32_networks(det) -> list:
 
 
 @contextlib.contextmanager
-def fast_networks(det):
-    """The autoencoders' networks replaced by :func:`rewrite.fast_inference_model` inside the block: build
-    *and write* the archive in it (writing traces again). Outside, the Keras detector, which the export is
-    checked against, has its own networks."""
+def fast_networks(det, precision: str = "float32"):
+    """The autoencoders' networks replaced by :func:`rewrite.fast_inference_model` inside the block (strided
+    transposed convs in phase form for int8 graphs): build *and write* the archive in it (writing traces
+    again). Outside, the Keras detector, which the export is checked against, has its own networks."""
     from ..detectors.autoencoder import AutoencoderDetector
     from .rewrite import fast_inference_model
 
@@ -207,7 +207,7 @@ def fast_networks(det):
     try:
         for member in getattr(det, "members_", None) or [det]:
             if isinstance(member, AutoencoderDetector):
-                fast = fast_inference_model(member.model_)
+                fast = fast_inference_model(member.model_, transposed=precision == "int8")
                 if fast is not None:
                     swapped.append((member, member.model_))
                     member.model_ = fast

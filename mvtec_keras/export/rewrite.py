@@ -97,8 +97,9 @@ def transposed_conv_phase_kernel(kernel: np.ndarray, stride: int) -> np.ndarray 
 
 class PhaseConv2DTranspose(keras.layers.Layer):
     """A strided 'same' ``Conv2DTranspose`` computed as a stride-1 conv making one channel group per output
-    phase, then depth-to-space (TF ops: export only). Same sums; LiteRT's int8 TRANSPOSE_CONV loses far more
-    than its CONV_2D (bench/export.py, mvtecCAE at 256 px)."""
+    phase, then depth-to-space (TF ops: export only). Same sums. int8 graphs only: LiteRT's int8
+    TRANSPOSE_CONV was the slow part of an int8 mvtecCAE at 256 px, while in float32 the phase kernel's zero
+    taps (a 4 x 4, stride-2 kernel becomes 3 x 3 x 4 phases) only make the file larger."""
 
     def __init__(self, layer: keras.layers.Conv2DTranspose, **kwargs):
         super().__init__(name=f"{layer.name}_phase", **kwargs)
@@ -143,16 +144,15 @@ def _rewritable(layer) -> bool:
             and c["data_format"] == "channels_last" and h and w and h % BLOCK == 0 and w % BLOCK == 0)
 
 
-def fast_inference_model(model: keras.Model) -> keras.Model | None:
-    """``model`` with its output-channel-starved convs rewritten (other layers shared, not copied), or None
-    when it has none."""
-    if not isinstance(model, keras.Model) or not any(_rewritable(layer) or _transposed_rewritable(layer)
-                                                     for layer in model.layers):
-        return None
+def fast_inference_model(model: keras.Model, transposed: bool = False) -> keras.Model | None:
+    """``model`` with its output-channel-starved convs rewritten and, with ``transposed``, its strided
+    transposed convs in phase form (other layers shared, not copied), or None when it has none of them."""
 
-    def rewrite(layer):
+    def rewritten(layer):
         if _rewritable(layer):
             return SpaceToDepthConv2D(layer)
-        return PhaseConv2DTranspose(layer) if _transposed_rewritable(layer) else layer
+        return PhaseConv2DTranspose(layer) if transposed and _transposed_rewritable(layer) else None
 
-    return keras.models.clone_model(model, clone_function=rewrite)
+    if not isinstance(model, keras.Model) or not any(rewritten(layer) is not None for layer in model.layers):
+        return None
+    return keras.models.clone_model(model, clone_function=lambda layer: rewritten(layer) or layer)
