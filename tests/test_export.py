@@ -169,6 +169,12 @@ def test_int8_quantises_the_network_and_keeps_the_head_float(runs, category, fam
     else:
         ref, _ = _keras_scores(runs[family], x)
         np.testing.assert_allclose(scores, ref, rtol=0.5)  # int8 network: same scale, not the same digits
+        guard = meta["int8"]["float_layers_guard"]  # the drift is measured for every network scored as it is
+        assert guard["score_drift_all_int8"] >= 0 and guard["network_layers"] >= 1
+        if family in ("ganomaly", "efficientgan"):  # recorded, not enforced: no layer kept float
+            assert guard["limit"] is None and guard["float_layers"] == []
+        else:
+            assert guard["score_drift"] <= guard["limit"]
     assert os.path.getsize(out) < os.path.getsize(os.path.join(runs[family], "export", f"{family}_float32.tflite"))
 
 
