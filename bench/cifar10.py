@@ -85,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--models-dir", default="bench/results/cifar10_models")
     p.add_argument("--report", action="store_true", help=f"write {REPORT} from --out and stop")
     p.add_argument("--report-path", default=REPORT)
+    p.add_argument("--allow-dropping-rows", action="store_true",
+                   help="let --report write a page without cells the current page lists (they are lost)")
     a = p.parse_args(argv)
     a.classes = _list(a.classes, "--classes", CLASSES)
     a.methods = _list(a.methods, "--methods", PRESETS)
@@ -436,11 +438,33 @@ def markdown(rows, sessions) -> str:
     return "\n".join(out)
 
 
+def page_cells(path) -> set:
+    """(class, method, seed) of the cells an existing page lists under *What ran*."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        text = f.read()
+    if "## What ran" not in text:
+        return set()
+    cells = set()
+    for line in text.split("## What ran", 1)[1].splitlines():
+        parts = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(parts) == 6 and parts[0] not in ("abnormal class", "---"):
+            cells.add(tuple(parts[:3]))
+    return cells
+
+
 def write_report(args):
     from mvtec_keras.fileio import atomic_path
 
     rows = [r for r in read_results(args.out) if r.get("kind") != "session"]
     sessions = [r for r in read_results(args.out) if r.get("kind") == "session"]
+    # bench/results/ is not in git: a page is the only record of cells run on another machine
+    missing = page_cells(args.report_path) - {(r["class"], r["method"], str(r["seed"])) for r in rows if "auroc" in r}
+    if missing and not args.allow_dropping_rows:
+        raise InputError(f"--report: {args.report_path} lists {len(missing)} cell(s) that {args.out} lacks (e.g. "
+                         f"{' / '.join(sorted(missing)[0])}); rewriting it would drop them. Restore the results "
+                         "file, or pass --allow-dropping-rows")
     text = markdown(rows, sessions)
     with atomic_path(args.report_path) as tmp, open(tmp, "w") as f:
         f.write(text)

@@ -110,3 +110,19 @@ def test_shared_pass_with_two_input_sizes_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "one backbone and input size" in err[0]
     assert '"auroc"' not in (tmp_path / "r.jsonl").read_text()  # no cell written
+
+
+def test_report_refuses_to_drop_cells_the_page_lists(tmp_path, capsys):
+    """bench/results/ is not in git: the page can be the only record of cells run on another machine."""
+    page = tmp_path / "page.md"
+    page.write_text("# x\n\n## What ran\n\n| abnormal class | method | seed | train s | score s | AUROC |\n"
+                    "|---|---|---|---|---|---|\n| dog | ganomaly | 0 | 1605 | 8 | 0.535 |\n\nTotal\n")
+    empty = tmp_path / "r.jsonl"
+    empty.write_text("")
+    argv = ["--report", "--out", str(empty), "--report-path", str(page)]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 cell(s)" in err[0] and "dog / ganomaly / 0" in err[0]
+    assert "| dog | ganomaly | 0 |" in page.read_text()  # untouched
+    assert bench.main(argv + ["--allow-dropping-rows"]) == 0
+    assert "| dog | ganomaly | 0 |" not in page.read_text()
