@@ -208,8 +208,8 @@ def _int8_guard(flat: bytes, to_lite, det, val_u8, shape, work, enforce: bool = 
     up along a decoder and an SSIM map magnifies them (mvtecCAE at 256 px on bottle: a 27 % median drift with
     the whole network int8, bench/export.py); the layers nearest the output are where they count most.
     Chosen on validation normals only, by bisection over the number of float layers. With ``enforce`` off
-    (the GANs: their latent distance compares two encoders, and one of them float, the other int8, drifted
-    more than both int8 on a GANomaly ensemble: 40 % -> 58 %), the drift is only measured and recorded."""
+    (the GANs: their latent distance compares two encoders, and on a GANomaly ensemble one of them float, the
+    other int8, drifted more than both int8), the drift is only measured and recorded."""
     from .quantize import network_scopes
 
     ref, _ = _keras_scorer(det)(val_u8)

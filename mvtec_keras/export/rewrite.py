@@ -46,7 +46,18 @@ def space_to_depth_kernel(kernel: np.ndarray, block: int) -> np.ndarray:
     return w.reshape(n, n, block * block * cin, block * block * cout)
 
 
-class SpaceToDepthConv2D(keras.layers.Layer):
+class _RewrittenConv(keras.layers.Layer):
+    """A layer holding the constant kernel and bias of a rewritten conv (``_kernel_value``, ``_bias_value``,
+    set by the subclass before build) as its weights."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=self._kernel_value.shape, initializer="zeros", name="kernel")
+        self.bias = self.add_weight(shape=self._bias_value.shape, initializer="zeros", name="bias")
+        self.kernel.assign(self._kernel_value)
+        self.bias.assign(self._bias_value)
+
+
+class SpaceToDepthConv2D(_RewrittenConv):
     """A stride-1 'same' ``Conv2D`` computed as space-to-depth -> conv -> depth-to-space (TF ops: export only)."""
 
     def __init__(self, conv: keras.layers.Conv2D, block: int = BLOCK, **kwargs):
@@ -57,12 +68,6 @@ class SpaceToDepthConv2D(keras.layers.Layer):
         self._kernel_value = space_to_depth_kernel(kernel, block)
         bias = keras.ops.convert_to_numpy(conv.bias) if conv.use_bias else np.zeros(kernel.shape[-1], kernel.dtype)
         self._bias_value = np.tile(bias, block * block)  # depth_to_space channel order: (p, q, cout)
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(shape=self._kernel_value.shape, initializer="zeros", name="kernel")
-        self.bias = self.add_weight(shape=self._bias_value.shape, initializer="zeros", name="bias")
-        self.kernel.assign(self._kernel_value)
-        self.bias.assign(self._bias_value)
 
     def call(self, x):
         y = tf.nn.conv2d(tf.nn.space_to_depth(x, self.block), self.kernel, 1, "SAME") + self.bias
@@ -95,7 +100,7 @@ def transposed_conv_phase_kernel(kernel: np.ndarray, stride: int) -> np.ndarray 
     return w.reshape(n, n, cin, s * s * cout)
 
 
-class PhaseConv2DTranspose(keras.layers.Layer):
+class PhaseConv2DTranspose(_RewrittenConv):
     """A strided 'same' ``Conv2DTranspose`` computed as a stride-1 conv making one channel group per output
     phase, then depth-to-space (TF ops: export only). Same sums. int8 graphs only: LiteRT's int8
     TRANSPOSE_CONV was the slow part of an int8 mvtecCAE at 256 px, while in float32 the phase kernel's zero
@@ -110,12 +115,6 @@ class PhaseConv2DTranspose(keras.layers.Layer):
         bias = (keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else np.zeros(cout, np.float32))
         self._bias_value = np.tile(bias, self.stride * self.stride)  # depth_to_space order: (p, q, cout)
 
-    def build(self, input_shape):
-        self.kernel = self.add_weight(shape=self._kernel_value.shape, initializer="zeros", name="kernel")
-        self.bias = self.add_weight(shape=self._bias_value.shape, initializer="zeros", name="bias")
-        self.kernel.assign(self._kernel_value)
-        self.bias.assign(self._bias_value)
-
     def call(self, x):
         y = tf.nn.conv2d(x, self.kernel, 1, "SAME") + self.bias
         return self.activation(tf.nn.depth_to_space(y, self.stride))
@@ -128,9 +127,7 @@ def _transposed_rewritable(layer) -> bool:
     strides, kernel = tuple(c["strides"]), tuple(c["kernel_size"])
     return (strides[0] == strides[1] > 1 and kernel[0] == kernel[1] and c["padding"] == "same"
             and c.get("output_padding") is None and tuple(c["dilation_rate"]) == (1, 1)
-            and c["data_format"] == "channels_last"
-            and transposed_conv_phase_kernel(np.zeros((kernel[0], kernel[0], 1, 1), np.float32), strides[0])
-            is not None)
+            and c["data_format"] == "channels_last" and kernel[0] >= strides[0])
 
 
 def _rewritable(layer) -> bool:
@@ -148,11 +145,15 @@ def fast_inference_model(model: keras.Model, transposed: bool = False) -> keras.
     """``model`` with its output-channel-starved convs rewritten and, with ``transposed``, its strided
     transposed convs in phase form (other layers shared, not copied), or None when it has none of them."""
 
-    def rewritten(layer):
+    def phase(layer):
+        return transposed and _transposed_rewritable(layer)
+
+    if not isinstance(model, keras.Model) or not any(_rewritable(layer) or phase(layer) for layer in model.layers):
+        return None
+
+    def rewrite(layer):
         if _rewritable(layer):
             return SpaceToDepthConv2D(layer)
-        return PhaseConv2DTranspose(layer) if transposed and _transposed_rewritable(layer) else None
+        return PhaseConv2DTranspose(layer) if phase(layer) else layer
 
-    if not isinstance(model, keras.Model) or not any(rewritten(layer) is not None for layer in model.layers):
-        return None
-    return keras.models.clone_model(model, clone_function=lambda layer: rewritten(layer) or layer)
+    return keras.models.clone_model(model, clone_function=rewrite)
