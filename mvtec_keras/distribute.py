@@ -5,8 +5,8 @@
 - ``none``: TensorFlow's default strategy (one device; what training always did);
 - ``mirrored``: :class:`tf.distribute.MirroredStrategy` over the local GPUs (over the logical CPU
   devices when there is no GPU and more than one CPU device is configured, as the tests do);
-- ``multiworker``: :class:`tf.distribute.MultiWorkerMirroredStrategy` over the ``TF_CONFIG`` cluster;
-  refused for now with one clear line, as Keras 3's ``fit`` does not run under it (see :func:`make_strategy`);
+- ``multiworker``: :class:`tf.distribute.MultiWorkerMirroredStrategy` over the ``TF_CONFIG`` cluster,
+  trained by :mod:`mvtec_keras.multiworker`'s loop (Keras 3's own ``fit`` does not run under it);
 - ``auto``: ``multiworker`` when ``TF_CONFIG`` names more than one worker, else ``mirrored`` when
   more than one GPU is visible, else ``none``.
 
@@ -75,11 +75,12 @@ def make_strategy(name: str):
         return tf.distribute.get_strategy(), resolved
     if resolved == "mirrored":
         return tf.distribute.MirroredStrategy(devices=mirrored_devices()), resolved
-    # Measured here (tests, two workers on loopback): Keras 3.15's fit fails under
-    # MultiWorkerMirroredStrategy ("Attempt to convert a value (PerReplica ...)"), a known open Keras 3
-    # limitation (keras-team/keras#20585). Refuse clearly rather than fail inside fit.
-    raise InputError("--strategy multiworker: Keras 3's model.fit does not run under "
-                     "MultiWorkerMirroredStrategy (keras-team/keras#20585); use mirrored on one machine")
+    if tf_config_workers() < 1:
+        raise InputError("--strategy multiworker: TF_CONFIG must name the cluster's workers "
+                         "(see docs/distributed.md)")
+    # Keras' own fit cannot run under it (keras-team/keras#20585): training.fit then runs
+    # mvtec_keras.multiworker's loop. The collective runtime starts here, before any other TF op.
+    return tf.distribute.MultiWorkerMirroredStrategy(), resolved
 
 
 def replicas(strategy=None) -> int:
@@ -95,6 +96,12 @@ def describe(strategy, resolved: str) -> str:
     where = ""
     if resolved == "mirrored":
         where = " on " + ", ".join(d.split("device:")[-1] for d in strategy.extended.worker_devices)
+    elif resolved == "multiworker":
+        from .multiworker import is_chief
+
+        r = strategy.cluster_resolver
+        where = (f" over {tf_config_workers()} workers; this is {r.task_type} {r.task_id}"
+                 f"{' (writes the run)' if is_chief(strategy) else ' (trains; the chief writes the run)'}")
     return f"strategy: {resolved}, {n} replica{'s' if n != 1 else ''}{where}"
 
 

@@ -85,6 +85,22 @@ def standard_callbacks(
     return cbs, guard
 
 
+def fit(model, x, validation_data=None, epochs=1, steps_per_epoch=None, callbacks=(), verbose=1):
+    """``model.fit`` for every trainable detector (no shuffling there: the pipelines shuffle, seeded);
+    under ``MultiWorkerMirroredStrategy``, which Keras' fit cannot run, the same training through
+    :func:`mvtec_keras.multiworker.fit`."""
+    from . import backends
+
+    if backends.is_tensorflow():
+        from . import multiworker
+
+        if multiworker.is_multiworker(model.distribute_strategy):
+            return multiworker.fit(model, x, validation_data=validation_data, epochs=epochs,
+                                   steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
+    return model.fit(x, validation_data=validation_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                     callbacks=list(callbacks), verbose=verbose, shuffle=False)
+
+
 def _tensorflow_available() -> bool:
     try:
         import tensorflow  # noqa: F401
@@ -162,7 +178,7 @@ def lr_range_test(
     opt_vars = [v.numpy().copy() for v in model.optimizer.variables] if model.optimizer.built else None
     lrs = np.geomspace(min_lr, max_lr, steps)
     sweep = _LRSweep(lrs)
-    model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, callbacks=[sweep], verbose=0, shuffle=False)
+    fit(model, dataset.repeat(), epochs=1, steps_per_epoch=steps, callbacks=[sweep], verbose=0)
     for w, v in zip(model.weights, saved):
         w.assign(v)
     if opt_vars is not None:

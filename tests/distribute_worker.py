@@ -3,6 +3,10 @@ start-up): trains / fits the same tiny models on one device and under MirroredSt
 logical CPU devices, and writes the largest differences as JSON.
 
     python distribute_worker.py OUT.json
+    TF_CONFIG=... python distribute_worker.py OUT.json --multiworker   # one process per worker
+
+With ``--multiworker`` every worker of the ``TF_CONFIG`` cluster trains the same tiny models under
+MultiWorkerMirroredStrategy (one replica each) and on one device; the chief writes the JSON.
 """
 
 import json
@@ -97,8 +101,72 @@ def feature_results(strategy):
     return out
 
 
+def multiworker_split(strategy):
+    """How many images of a global batch of 4 this worker's replica gets (the data sharding)."""
+    from mvtec_keras.multiworker import distribute_dataset
+
+    x = tf.data.Dataset.range(4).batch(4)
+    return [int(strategy.experimental_local_results(b)[0].shape[0]) for b in distribute_dataset(strategy, x)[1]]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def multiworker_resume(strategy, chief_dir):
+    """Interrupt an autoencoder's training after its second epoch on every worker, then resume: every
+    worker must restore the chief's backup and run epochs 3 and 4 only."""
+    import contextlib
+
+    import keras
+
+    from mvtec_keras.detectors.autoencoder import AutoencoderDetector
+    from mvtec_keras.multiworker import is_chief, worker_workdir
+
+    class StopAfterTwo(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise _Interrupt()
+
+    rng = np.random.default_rng(1)
+    x, v = (rng.uniform(0.2, 0.8, (n, 32, 32, 1)).astype(np.float32) for n in (8, 4))
+
+    def make():
+        return AutoencoderDetector("mvtecCAE", (32, 32, 1), epochs=4, batch_size=4, patience=50)
+
+    def workdir(resume):
+        return contextlib.nullcontext(chief_dir) if is_chief(strategy) else worker_workdir(chief_dir, resume)
+
+    @tf.function
+    def barrier():  # an all-reduce: every worker waits here until the chief has written its backup
+        return strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+    with strategy.scope():
+        with workdir(False) as w:
+            try:
+                make().fit(x, v, workdir=w, verbose=0, callbacks=[StopAfterTwo()])
+            except _Interrupt:
+                pass
+        barrier()
+        with workdir(True) as w:
+            det = make().fit(x, v, workdir=w, resume=True, verbose=0)
+    return {"epochs_trained": det.epochs_trained_, "epochs_run": len(det.history_["loss"])}
+
+
 def main():
     out_path = sys.argv[1]
+    if "--multiworker" in sys.argv[2:]:
+        from mvtec_keras import distribute
+        from mvtec_keras.multiworker import is_chief
+
+        strategy, name = distribute.make_strategy("multiworker")  # first: it starts the collective runtime
+        result = {"strategy": distribute.describe(strategy, name), "replicas": distribute.replicas(strategy),
+                  "split": multiworker_split(strategy), "training": training_results(strategy),
+                  "resume": multiworker_resume(strategy, os.path.join(os.path.dirname(out_path), "chief_run"))}
+        task = strategy.cluster_resolver.task_id
+        with open(out_path if is_chief(strategy) else f"{out_path}.worker{task}", "w") as f:
+            json.dump(result, f)
+        return
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from mvtec_keras import distribute

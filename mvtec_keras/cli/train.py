@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "see docs/bench_ae_throughput.md)")
     p.add_argument("--strategy", default="none",
                    help="none | mirrored | multiworker | auto (default none): mirrored = tf.distribute over the "
-                        "local GPUs; multiworker = over the cluster in TF_CONFIG (refused for now: Keras 3's fit "
-                        "does not run under it); auto = multiworker when TF_CONFIG names more than one worker, "
+                        "local GPUs; multiworker = over the cluster in TF_CONFIG (start train.py on every worker; "
+                        "the chief writes --out); auto = multiworker when TF_CONFIG names more than one worker, "
                         "else mirrored when more than one GPU is visible, else none. -b is the global batch "
                         "and --lr is not rescaled; see docs/distributed.md")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -170,6 +170,11 @@ def main(argv=None) -> None:
     if os.path.isdir(out) and os.listdir(out) and not args.resume:
         if os.path.exists(os.path.join(out, "info.json")):
             raise InputError(f"--out: {out} already holds a trained model; choose another folder or pass --resume")
+    from ..multiworker import is_chief
+
+    if not is_chief(strategy):
+        _train_as_worker(detector, arch, train_ds, val_ds, out, args, strategy)
+        return
     with output_dir(out, keep_existing=args.resume):
         t0 = time.time()
         _fit(detector, arch, train_ds, val_ds, out, args, strategy)
@@ -222,6 +227,18 @@ def _fit(detector, arch, train_ds, val_ds, workdir, args, strategy) -> None:
         callbacks, guard = standard_callbacks(workdir if args.members == 1 else None, monitor=None)
         detector.fit(train_ds, val_ds, callbacks=callbacks, verbose=verbose)
         guard.check()
+
+
+def _train_as_worker(detector, arch, train_ds, val_ds, out, args, strategy) -> None:
+    """A non-chief worker of ``--strategy multiworker`` trains in step with the chief but writes
+    nothing of the run: its checkpoints go to a folder of its own, removed at the end. With
+    ``--resume`` it starts from the chief's backup, so every worker resumes at the same epoch."""
+    from ..multiworker import worker_workdir
+
+    with worker_workdir(out, args.resume) as workdir:
+        _fit(detector, arch, train_ds, val_ds, workdir, args, strategy)
+    if not args.quiet:
+        print(f"trained {getattr(detector, 'epochs_trained_', '?')} epochs as a worker; the chief writes {out}")
 
 
 def _reports(detector, out, val_ds, cat, prep, args):

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import keras
 import numpy as np
 
-from .. import backends, residuals
+from .. import backends, residuals, training
 from ..devices import PRECISIONS
 from ..errors import InputError
 from ..training import ArrayPairs, fresh_workdir, lr_range_test, standard_callbacks
@@ -154,14 +154,8 @@ class AutoencoderDetector(Detector):
         standard, guard = standard_callbacks(workdir, monitor=monitor, patience=self.patience)
         callbacks = standard + list(callbacks)
         fresh_workdir(workdir, resume)
-        history = model.fit(
-            train_pairs,
-            validation_data=val_pairs,
-            epochs=self.epochs,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the tf.data pipeline already shuffles, seeded
-        )
+        history = training.fit(model, train_pairs, validation_data=val_pairs, epochs=self.epochs,
+                               callbacks=callbacks, verbose=verbose)
         guard.check()
         self.model_ = model
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}

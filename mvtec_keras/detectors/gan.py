@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .. import training
 from ..distribute import replicas
 from ..errors import InputError
 from ..models import gans
@@ -95,9 +96,8 @@ class _KerasModelDetector(Detector):
         cbs = list(callbacks)
         if self.selection == "best_val":
             cbs.append(_KeepBest(self.monitor))
-        history = model.fit(train_ds, validation_data=val_ds, epochs=int(self.epochs),
-                            steps_per_epoch=self.steps_per_epoch, callbacks=cbs, verbose=verbose,
-                            shuffle=False)  # shuffled in _dataset
+        history = training.fit(model, train_ds, validation_data=val_ds, epochs=int(self.epochs),
+                               steps_per_epoch=self.steps_per_epoch, callbacks=cbs, verbose=verbose)
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         # After a resume Keras reports only this call's epochs; count from the first.
         self.epochs_trained_ = (max(history.epoch) + 1) if history.epoch else 0
