@@ -5,8 +5,9 @@ logical CPU devices, and writes the largest differences as JSON.
     python distribute_worker.py OUT.json
     TF_CONFIG=... python distribute_worker.py OUT.json --multiworker   # one process per worker
 
-With ``--multiworker`` every worker of the ``TF_CONFIG`` cluster trains the same tiny models under
-MultiWorkerMirroredStrategy (one replica each) and on one device; the chief writes the JSON.
+With ``--multiworker`` every worker of the ``TF_CONFIG`` cluster trains and fits the same tiny models
+under MultiWorkerMirroredStrategy (one replica each) and on one device; the chief writes the JSON, the
+other workers ``OUT.json.worker<i>``.
 """
 
 import json
@@ -77,9 +78,14 @@ def feature_results(strategy):
     from mvtec_keras.detectors.patchcore import PatchcoreDetector
 
     x = normal_images(7, seed=1)  # batches of 4 and 3: the last one splits 2 + 1
+    def replica_of_rows(t):  # each row of the batch: the replica that computed it
+        rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return tf.zeros([tf.shape(t)[0]]) + tf.cast(rid, tf.float32)
+
     with strategy.scope():
         probe = PadimDetector(toy_backbone())
-        out = {"split": [int(p.shape[0]) for p in probe._per_replica(lambda t: t * 1.0, x[:3])]}
+        out = {"split": [int(p.shape[0]) for p in probe._per_replica(lambda t: t * 1.0, x[:3])],
+               "replica_of_rows": [p.numpy().tolist() for p in probe._per_replica(replica_of_rows, x[:3])]}
     for name, make, attrs in [
         ("padim", lambda: PadimDetector(toy_backbone(), levels=(1, 3), n_features=6), ("mean_", "precision_")),
         ("mahalanobis", lambda: MahalanobisDetector(toy_backbone(), levels=(3, 5)), ("means_", "precisions_")),
@@ -153,6 +159,25 @@ def multiworker_resume(strategy, chief_dir):
     return {"epochs_trained": det.epochs_trained_, "epochs_run": len(det.history_["loss"])}
 
 
+def weights_file_results(strategy, tmpdir):
+    """A named backbone loading a weights file (what imagenet weights do too) fits under the strategy
+    as on one device: the backbone must be built before the replicas' traced function."""
+    from mvtec_keras.detectors.padim import PadimDetector
+    from mvtec_keras.features.extractor import build_feature_extractor
+
+    path = os.path.join(tmpdir, f"b0-{os.getpid()}.weights.h5")
+    build_feature_extractor("efficientnet-b0", weights=None, levels=(3, 4, 6), input_size=32).save_weights(path)
+    x = np.random.default_rng(2).uniform(0, 1, (5, 32, 32, 3)).astype(np.float32)
+
+    def make():
+        return PadimDetector("efficientnet-b0", weights=path, input_size=32, n_features=6)
+
+    ref = make().fit(x, batch_size=4)
+    with strategy.scope():
+        dist = make().fit(x, batch_size=4)
+    return {"mean_": rel_err([ref.mean_], [dist.mean_])}
+
+
 def main():
     out_path = sys.argv[1]
     if "--multiworker" in sys.argv[2:]:
@@ -162,6 +187,8 @@ def main():
         strategy, name = distribute.make_strategy("multiworker")  # first: it starts the collective runtime
         result = {"strategy": distribute.describe(strategy, name), "replicas": distribute.replicas(strategy),
                   "split": multiworker_split(strategy), "training": training_results(strategy),
+                  "features": feature_results(strategy),
+                  "weights_file": weights_file_results(strategy, os.path.dirname(out_path)),
                   "resume": multiworker_resume(strategy, os.path.join(os.path.dirname(out_path), "chief_run"))}
         task = strategy.cluster_resolver.task_id
         with open(out_path if is_chief(strategy) else f"{out_path}.worker{task}", "w") as f:
@@ -173,7 +200,8 @@ def main():
 
     strategy, name = distribute.make_strategy("mirrored")
     result = {"strategy": distribute.describe(strategy, name), "replicas": distribute.replicas(strategy),
-              "training": training_results(strategy), "features": feature_results(strategy)}
+              "training": training_results(strategy), "features": feature_results(strategy),
+              "weights_file": weights_file_results(strategy, os.path.dirname(out_path))}
     with open(out_path, "w") as f:
         json.dump(result, f)
 

@@ -110,6 +110,12 @@ def multiworker(tmp_path_factory):
     return [json.loads((d / name).read_text()) for name in ("result.json", "result.json.worker1")]
 
 
+def test_named_backbone_with_a_weights_file_fits_under_mirrored(mirrored):
+    # Regression: the backbone was built lazily inside the replicas' traced function, where loading
+    # a weights file (or the imagenet weights) failed ("... defined in FuncGraph ... out of scope").
+    assert mirrored["weights_file"]["mean_"] < 1e-6
+
+
 def test_multiworker_over_two_processes(multiworker):
     chief, worker = multiworker
     assert chief["replicas"] == worker["replicas"] == 2
@@ -125,6 +131,17 @@ def test_multiworker_step_equals_one_device_step(multiworker, model):
         assert res["loss"][1] == pytest.approx(res["loss"][0], rel=TRAIN_TOL)
         assert res["weights"] < TRAIN_TOL
         assert res["optimizer"] < 10 * TRAIN_TOL  # a missing 1 / replicas would give 1.0
+
+
+def test_feature_fit_under_multiworker_matches_one_device(multiworker):
+    for w in multiworker:
+        feats = w["features"]
+        # a batch of 3: rows 0-1 from worker 0's replica, row 2 from worker 1's, gathered in order on both
+        assert feats["split"] == [3] and feats["replica_of_rows"] == [[0.0, 0.0, 1.0]]
+        assert feats["padim"]["mean_"] < 1e-6 and feats["padim"]["covariance"] < 1e-4
+        assert feats["mahalanobis"]["means_"] < 1e-6 and feats["mahalanobis"]["precisions_"] < 1e-4
+        assert feats["patchcore"]["memory_bank_"] < 1e-6
+        assert w["weights_file"]["mean_"] < 1e-6
 
 
 def test_multiworker_resume_restores_the_chiefs_backup_on_every_worker(multiworker):
@@ -164,6 +181,32 @@ def test_train_cli_on_two_workers_equals_one_device(tmp_path):
     for a, b in zip(h2, h1):
         for key in ("loss", "val_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-3), (key, a, b)
+
+
+def test_extract_cli_on_two_workers_equals_one_device(tmp_path):
+    """extract.py started on both workers: the chief writes the fitted PaDiM, the other worker nothing,
+    and its statistics are those of a one-device fit with the same backbone weights."""
+    from mvtec_keras.detectors import load_detector
+    from mvtec_keras.detectors.feature_common import EXTRACTOR_WEIGHTS
+
+    data = make_mvtec(str(tmp_path / "cat"), n_train=8, n_good=1, n_defect=1)
+    args = ["-m", "mvtec_keras.cli.extract", "-d", data, "-m", "padim", "-b", "efficientnet-b0", "--size", "64",
+            "--batch-size", "4", "--param", "n_features=20"]
+    one = str(tmp_path / "one")
+    r = subprocess.run([sys.executable, *args, "-w", "none", "--out", one, "-q"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    weights = os.path.join(one, EXTRACTOR_WEIGHTS)  # the same (random) backbone for the two-worker fit
+    run = str(tmp_path / "run")
+    (_, out0, _), (_, out1, _) = _run_workers(
+        lambda i: [sys.executable, *args, "-w", weights, "--strategy", "multiworker", "--out", run])
+    info = json.loads(open(os.path.join(run, "info.json")).read())
+    assert info["fit"]["strategy"] == "multiworker" and info["fit"]["replicas"] == 2
+    assert "fitted as a worker; the chief writes" in out1
+    a, b = load_detector(run), load_detector(one)
+    for attr in ("mean_", "precision_"):
+        x, y = getattr(a, attr), getattr(b, attr)
+        assert abs(x - y).max() <= 1e-4 * abs(y).max(), attr
 
 
 def test_multiworker_without_tf_config_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

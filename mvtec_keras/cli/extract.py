@@ -31,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="output folder (default runs/<category>/<method>-<backbone>-<time>)")
     p.add_argument("--strategy", default="none",
-                   help="none | mirrored | auto (default none): mirrored splits each batch of feature "
-                        "extraction over the local GPUs and merges the replicas' statistics exactly; auto = "
-                        "mirrored when more than one GPU is visible. Not multiworker (see docs/distributed.md)")
+                   help="none | mirrored | multiworker | auto (default none): mirrored splits each batch of "
+                        "feature extraction over the local GPUs and merges the replicas' statistics exactly; "
+                        "multiworker splits it over the replicas of the TF_CONFIG cluster (start extract.py on "
+                        "every worker; the chief writes --out); auto = mirrored when more than one GPU is "
+                        "visible (see docs/distributed.md)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -69,9 +71,7 @@ def main(argv=None) -> None:
     apply_smoke_caps(args, native_size=BACKBONES[args.backbone])
     from .. import distribute
 
-    # auto never means a cluster here (tf_config=""): feature fits use the GPUs of one machine.
-    if distribute.resolve(args.strategy, tf_config="") == "multiworker":
-        raise InputError("--strategy: feature fits run on one machine; choose none, mirrored or auto")
+    # auto never means a cluster here (tf_config=""): a cluster is asked for by name (multiworker).
     strategy, strategy_name = distribute.make_strategy(distribute.resolve(args.strategy, tf_config=""))
     weights = None if args.weights.lower() == "none" else args.weights
     if weights not in (None, "imagenet") and not weights.startswith("noisy-student") and not os.path.isfile(weights):
@@ -96,6 +96,14 @@ def main(argv=None) -> None:
     out = args.out or os.path.join("runs", cat.name, f"{method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "info.json")):
         raise InputError(f"--out: {out} already holds a model; choose another folder")
+    from ..multiworker import is_chief
+
+    if not is_chief(strategy):  # fits in step with the chief (same statistics), which writes the run
+        with strategy.scope():
+            detector.fit(train_ds, progress=False)
+        if not args.quiet:
+            print(f"fitted as a worker; the chief writes {out}")
+        return
     with output_dir(out):
         t0 = time.time()
         with strategy.scope():  # the backbone is built here, mirrored over the replicas

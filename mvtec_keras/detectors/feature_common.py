@@ -127,7 +127,11 @@ class BackboneMixin:
         strategy: one result per replica, in replica order (replica r holds the r-th contiguous
         part of the batch, so concatenating the results gives the one-device stream). Without a
         multi-replica strategy: ``[fn(images)]``. The extractor must have been built in the
-        strategy's scope (it is, when ``fit`` runs there)."""
+        strategy's scope (it is, when ``fit`` runs there).
+
+        Under ``MultiWorkerMirroredStrategy`` every worker passes the same batch; each runs only its own
+        replicas' parts, and the parts are gathered over the workers in replica order, so every worker
+        gets ``[fn(images)]`` as one device would (and its statistics or bank end up the same)."""
         if not backends.is_tensorflow():
             return [fn(images)]  # tf.distribute is TensorFlow's; other backends fit on one device
         import tensorflow as tf
@@ -136,9 +140,15 @@ class BackboneMixin:
         n = strategy.num_replicas_in_sync
         if n == 1:
             return [fn(images)]
-        if strategy.extended._in_multi_worker_mode():
-            raise InputError("feature fits run on one machine: use --strategy mirrored or none")
+        multi_worker = strategy.extended._in_multi_worker_mode()
+        # Build (and load the weights of) the backbone here, in the strategy's scope: built lazily inside
+        # the replicas' traced function, loading a weights file fails (its tensors would be out of scope).
+        self.extractor  # noqa: B018
         x = tf.convert_to_tensor(images, tf.float32)
+        if int(x.shape[0]) < n:
+            # A replica would get no image, and backbone layers fail on an empty batch: a batch this
+            # small (a last one) runs whole on this device (on every worker alike: no exchange needed).
+            return [fn(x)]
         parts = np.array_split(np.arange(int(x.shape[0])), n)
         bounds = [(int(p[0]), int(p[-1]) + 1) if len(p) else (0, 0) for p in parts]
         dist_x = strategy.experimental_distribute_values_from_function(
@@ -146,9 +156,17 @@ class BackboneMixin:
         key = (fn, tuple(x.shape[1:]))
         if getattr(self, "_replica_key", None) != key:
             # One trace per function and image shape; replicas run the traced fn on their own devices.
-            self._replica_fn = tf.function(lambda t: strategy.run(fn, args=(t,)), reduce_retracing=True)
+            def run(t):
+                out = strategy.run(fn, args=(t,))
+                if multi_worker:  # the other workers' replicas are not local: gather them (in replica order)
+                    out = tf.nest.map_structure(lambda v: strategy.gather(v, axis=0), out)
+                return out
+
+            self._replica_fn = tf.function(run, reduce_retracing=True)
             self._replica_key = key
         out = self._replica_fn(dist_x)
+        if multi_worker:
+            return [out]
         leaves = [strategy.experimental_local_results(v) for v in tf.nest.flatten(out)]
         return [tf.nest.pack_sequence_as(out, [leaf[r] for leaf in leaves]) for r in range(n)]
 
