@@ -113,6 +113,12 @@ def check_global_batch(batch_size: int, strategy, flag: str = "-b/--batch-size")
                          f"{n} replicas")
 
 
+def short_last_batch(n_images: int, batch_size: int, strategy=None) -> bool:
+    """Whether the last batch of ``n_images`` would leave a replica without images (fewer images than
+    replicas): layers fail on an empty batch, so training pipelines drop such a batch."""
+    return 0 < int(n_images) % int(batch_size) < replicas(strategy)
+
+
 def sync_batch_norm() -> bool:
     """Whether models built now should synchronise BatchNorm statistics: under a multi-replica strategy."""
     return replicas() > 1

@@ -9,6 +9,7 @@ a feature fit must give the same mean and covariance (tests/distribute_worker.py
 
 import csv
 import json
+import math
 import os
 import socket
 import subprocess
@@ -114,6 +115,13 @@ def test_named_backbone_with_a_weights_file_fits_under_mirrored(mirrored):
     # Regression: the backbone was built lazily inside the replicas' traced function, where loading
     # a weights file (or the imagenet weights) failed ("... defined in FuncGraph ... out of scope").
     assert mirrored["weights_file"]["mean_"] < 1e-6
+
+
+def test_a_last_batch_smaller_than_the_replicas_trains(mirrored, multiworker):
+    # Regression: a replica with no image failed inside its convolutions; that batch is now dropped.
+    for res in (mirrored, *multiworker):
+        losses = res["short_last_batch"]["losses"]
+        assert len(losses) == 6 and all(math.isfinite(v) for v in losses), losses  # 2 epochs x 3 losses
 
 
 def test_multiworker_over_two_processes(multiworker):

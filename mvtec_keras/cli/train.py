@@ -160,8 +160,13 @@ def main(argv=None) -> None:
         raise InputError(f"--rotation must be between 0 and 180 degrees, got {args.rotation}")
     augment = None if args.no_augment else Augmentation(
         rotation_deg=args.rotation, flip_horizontal=args.flip, flip_vertical=args.flip)
-    train_ds = make_dataset(train_s, prep, args.batch_size, shuffle=True, seed=args.seed, augment=augment, cache=True)
-    val_ds = make_dataset(val_s, prep, args.batch_size, cache=True) if val_s else None
+    # Under several replicas a last batch with fewer images than replicas is dropped (a replica without
+    # images fails); its images are in other epochs' batches (training) or left out (validation).
+    train_ds = make_dataset(train_s, prep, args.batch_size, shuffle=True, seed=args.seed, augment=augment, cache=True,
+                            drop_remainder=distribute.short_last_batch(len(train_s), args.batch_size, strategy))
+    val_ds = make_dataset(val_s, prep, args.batch_size, cache=True,
+                          drop_remainder=distribute.short_last_batch(len(val_s), args.batch_size, strategy)
+                          ) if len(val_s) >= distribute.replicas(strategy) else None
 
     loss_tag = args.loss if arch in AE_ARCHITECTURES else "gan"
     out = args.out or os.path.join(

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import backends, residuals, training
 from ..devices import PRECISIONS
+from ..distribute import short_last_batch
 from ..errors import InputError
 from ..training import ArrayPairs, fresh_workdir, lr_range_test, standard_callbacks
 from .base import Detector, read_json_state, reading_state, register_detector
@@ -33,9 +34,13 @@ def fast_precision() -> str:
 
 def _pairs(data, batch_size):
     """(x, x) batches for autoencoder training from a dict dataset or an array."""
-    if backends.is_tf_dataset(data):
+    if backends.is_tf_dataset(data):  # batched by the caller (train.py drops a too-short last batch)
         return data.map(lambda b: (b["image"], b["image"]))
     arr = np.asarray(data, np.float32)
+    if backends.is_tensorflow() and short_last_batch(len(arr), batch_size):
+        # Under several replicas a last batch with fewer images than replicas would leave one without
+        # images (its convolutions fail): drop it, keeping the dataset's length known.
+        arr = arr[: len(arr) // batch_size * batch_size]
     if not backends.is_tensorflow():
         return ArrayPairs(arr, batch_size)
     import tensorflow as tf

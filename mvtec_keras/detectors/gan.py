@@ -137,7 +137,14 @@ class _KerasModelDetector(Detector):
         # A last short batch would give BatchNorm noisy statistics; drop it when that leaves data to train on
         # (always under several replicas: a replica left without images would average an empty batch).
         drop = shuffle and (repeat or replicas() > 1 or (n is not None and n >= self.batch_size))
-        return ds.batch(int(self.batch_size), drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(int(self.batch_size), drop_remainder=drop)
+        k = replicas()
+        if not drop and k > 1:  # validation: a last batch with fewer images than replicas is left out
+            if n is not None:
+                ds = ds.take(n // self.batch_size) if 0 < n % self.batch_size < k else ds
+            else:
+                ds = ds.filter(lambda x: tf.shape(x)[0] >= k)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
     # -- scoring -------------------------------------------------------------
     def score_batch(self, images):
