@@ -79,7 +79,13 @@ def _reduced(strategy, logs):
 
 
 def fit(model, x, validation_data=None, epochs=1, steps_per_epoch=None, callbacks=(), verbose=1):
-    """Train ``model`` (compiled inside ``strategy.scope()``) like ``model.fit`` would; returns its History."""
+    """Train ``model`` (built and compiled inside its strategy's scope) like ``model.fit`` would, in that
+    scope as fit is; returns its History."""
+    with model.distribute_strategy.scope():
+        return _fit(model, x, validation_data, epochs, steps_per_epoch, callbacks, verbose)
+
+
+def _fit(model, x, validation_data, epochs, steps_per_epoch, callbacks, verbose):
     import tensorflow as tf
 
     strategy = model.distribute_strategy
