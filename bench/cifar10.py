@@ -384,8 +384,11 @@ def markdown(rows, sessions) -> str:
             cells.append(_fmt(v))
         out.append(f"| {c} | " + " | ".join(cells) + " |")
     if cur:
-        out.append(f"| **mean over {len(classes)} class(es)** | " + " | ".join(
-            f"**{np.mean(per_method[m]):.3f}**" if per_method[m] else "–" for m in methods) + " |")
+        # a method's mean is over the classes it has run on, which the cell says when they are fewer
+        out.append("| **mean over the classes run** | " + " | ".join(
+            (f"**{np.mean(per_method[m]):.3f}**" + (f" ({len(per_method[m])} of {len(classes)})"
+                                                    if len(per_method[m]) < len(classes) else ""))
+            if per_method[m] else "–" for m in methods) + " |")
     leaky = [r for r in cur if "auroc_reference_leaky" in r]
     if leaky:
         out += ["", "## Reproduction of the reference's evaluation (leaky; not a valid result)", "",
@@ -459,7 +462,7 @@ def write_report(args):
 
     rows = [r for r in read_results(args.out) if r.get("kind") != "session"]
     sessions = [r for r in read_results(args.out) if r.get("kind") == "session"]
-    # bench/results/ is not in git: a page is the only record of cells run on another machine
+    # A results file from another checkout may lack cells the page lists: never drop them silently
     missing = page_cells(args.report_path) - {(r["class"], r["method"], str(r["seed"])) for r in rows if "auroc" in r}
     if missing and not args.allow_dropping_rows:
         raise InputError(f"--report: {args.report_path} lists {len(missing)} cell(s) that {args.out} lacks (e.g. "

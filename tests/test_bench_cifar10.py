@@ -50,6 +50,16 @@ def test_report_keeps_the_leaky_figure_apart():
     assert '`{"filters": 64}`' in leaky  # the ablation row is listed apart, not pooled
 
 
+def test_a_methods_mean_says_over_how_many_classes():
+    def row(cls, method, auroc):
+        return {"class": cls, "method": method, "seed": None, "config": bench.PRESETS[method], "auroc": auroc,
+                "train_s": 1.0, "score_s": 1.0}
+
+    text = bench.markdown([row("dog", "mahalanobis", 0.7), row("cat", "mahalanobis", 0.6), row("dog", "padim", 0.5)],
+                          [])
+    assert "| **mean over the classes run** | **0.650** | **0.500** (1 of 2) |" in text
+
+
 def _fake_zip(path):
     rng = np.random.default_rng(0)
     with zipfile.ZipFile(path, "w") as z:
