@@ -84,6 +84,21 @@ def short_last_batch(strategy):
     return {"losses": ae.history_["loss"] + ae.history_["val_loss"] + gan.history_["val_con"]}
 
 
+def other_gans(strategy):
+    """EfficientGAN, AnoGAN and the dense AE train under the strategy (2 epochs, validation): finite losses.
+    Their prior samples are drawn per replica, so they are not compared with one device step by step."""
+    from mvtec_keras.detectors.gan import AnoGANDetector, DenseAEDetector, EfficientGANDetector
+
+    x = np.random.default_rng(4).uniform(0.2, 0.8, (8, 32, 32, 1)).astype(np.float32)
+    out = {}
+    for name, cls in (("efficientgan", EfficientGANDetector), ("anogan", AnoGANDetector),
+                      ("dense_ae", DenseAEDetector)):
+        with strategy.scope():
+            det = cls(image_size=32, channels=1, latent_dim=8, epochs=2, batch_size=4).fit(x, x[:4], verbose=0)
+        out[name] = {k: v for k, v in det.history_.items() if k != "learning_rate"}
+    return out
+
+
 def feature_results(strategy):
     sys.path.insert(0, HERE)
     from test_feature_detectors import normal_images, toy_backbone
@@ -203,6 +218,7 @@ def main():
         result = {"strategy": distribute.describe(strategy, name), "replicas": distribute.replicas(strategy),
                   "split": multiworker_split(strategy), "training": training_results(strategy),
                   "features": feature_results(strategy), "short_last_batch": short_last_batch(strategy),
+                  "other_gans": other_gans(strategy),
                   "weights_file": weights_file_results(strategy, os.path.dirname(out_path)),
                   "resume": multiworker_resume(strategy, os.path.join(os.path.dirname(out_path), "chief_run"))}
         task = strategy.cluster_resolver.task_id
@@ -216,7 +232,7 @@ def main():
     strategy, name = distribute.make_strategy("mirrored")
     result = {"strategy": distribute.describe(strategy, name), "replicas": distribute.replicas(strategy),
               "training": training_results(strategy), "features": feature_results(strategy),
-              "short_last_batch": short_last_batch(strategy),
+              "short_last_batch": short_last_batch(strategy), "other_gans": other_gans(strategy),
               "weights_file": weights_file_results(strategy, os.path.dirname(out_path))}
     with open(out_path, "w") as f:
         json.dump(result, f)

@@ -205,6 +205,15 @@ def test_extract_bad_param(category, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x")
 
 
+def test_anogan_trains_through_train_py_with_validation_images(category, tmp_path):
+    """Regression: AnoGAN's evaluation returned no log, so train.py (which validates by default) crashed."""
+    out = str(tmp_path / "anogan")
+    assert train.cli(["-d", category, "-a", "anogan", "--size", "32", "-b", "4", "--epochs", "1",
+                      "--out", out, "-q"]) == 0
+    with open(os.path.join(out, "history.csv")) as f:
+        assert "val_d_loss" in f.readline()
+
+
 def test_gan_through_train_finetune_test(category, tmp_path):
     """A GAN detector trains through train.py and is evaluated by the same finetune.py / test.py."""
     out = str(tmp_path / "ganomaly")

@@ -124,6 +124,14 @@ def test_a_last_batch_smaller_than_the_replicas_trains(mirrored, multiworker):
         assert len(losses) == 6 and all(math.isfinite(v) for v in losses), losses  # 2 epochs x 3 losses
 
 
+def test_the_other_gans_train_under_both_strategies(mirrored, multiworker):
+    for res in (mirrored, *multiworker):
+        for name in ("efficientgan", "anogan", "dense_ae"):
+            history = res["other_gans"][name]
+            assert history and any(k.startswith("val_") for k in history), (name, history)
+            assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in history.values()), (name, history)
+
+
 def test_multiworker_over_two_processes(multiworker):
     chief, worker = multiworker
     assert chief["replicas"] == worker["replicas"] == 2

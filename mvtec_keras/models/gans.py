@@ -474,7 +474,13 @@ class AnoGAN(_TwoPlayerModel):
         return self._report(d_loss=d_loss, g_loss=g_loss)
 
     def test_step(self, data):
-        return {}
+        # The players' losses on validation normals, in inference mode (Keras' evaluate needs a log; an
+        # empty one made every fit with validation images fail, train.py's default included).
+        x = _images(data)
+        z = keras.random.normal((ops.shape(x)[0], self.latent_dim), seed=self.seed_generator)
+        _, l_real = self.discriminator(x, training=False)
+        _, l_fake = self.discriminator(self.generator(z, training=False), training=False)
+        return self._report(d_loss=_bce(l_real, 1.0) + _bce(l_fake, 0.0), g_loss=_bce(l_fake, 1.0))
 
     def _search_loss(self, x, f_x, z):
         x_gen = self.generator(z, training=False)
