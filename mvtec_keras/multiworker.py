@@ -70,7 +70,8 @@ def distribute_dataset(strategy, dataset, flag="the data"):
     options = tf.data.Options()
     # Every worker reads the whole (seeded) pipeline and keeps its slice of each global batch.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options), strategy.experimental_distribute_dataset(dataset.with_options(options))
+    dataset = dataset.with_options(options)
+    return dataset, strategy.experimental_distribute_dataset(dataset)
 
 
 def _reduced(strategy, logs):

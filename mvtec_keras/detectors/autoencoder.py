@@ -37,13 +37,14 @@ def _pairs(data, batch_size):
     if backends.is_tf_dataset(data):  # batched by the caller (train.py drops a too-short last batch)
         return data.map(lambda b: (b["image"], b["image"]))
     arr = np.asarray(data, np.float32)
-    if backends.is_tensorflow() and short_last_batch(len(arr), batch_size):
-        # Under several replicas a last batch with fewer images than replicas would leave one without
-        # images (its convolutions fail): drop it, keeping the dataset's length known.
-        arr = arr[: len(arr) // batch_size * batch_size]
     if not backends.is_tensorflow():
         return ArrayPairs(arr, batch_size)
     import tensorflow as tf
+
+    if short_last_batch(len(arr), batch_size):
+        # Under several replicas a last batch with fewer images than replicas would leave one without
+        # images (its convolutions fail): drop it, keeping the dataset's length known.
+        arr = arr[: len(arr) // batch_size * batch_size]
 
     return tf.data.Dataset.from_tensor_slices((arr, arr)).batch(batch_size)
 

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import training
-from ..distribute import replicas
+from ..distribute import replicas, short_last_batch
 from ..errors import InputError
 from ..models import gans
 from .base import Detector, read_json_state, reading_state, register_detector
@@ -141,7 +141,7 @@ class _KerasModelDetector(Detector):
         k = replicas()
         if not drop and k > 1:  # validation: a last batch with fewer images than replicas is left out
             if n is not None:
-                ds = ds.take(n // self.batch_size) if 0 < n % self.batch_size < k else ds
+                ds = ds.take(n // self.batch_size) if short_last_batch(n, self.batch_size) else ds
             else:
                 ds = ds.filter(lambda x: tf.shape(x)[0] >= k)
         return ds.prefetch(tf.data.AUTOTUNE)
