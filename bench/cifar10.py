@@ -53,6 +53,7 @@ PRESETS = {
     "mahalanobis": {"detector": "mahalanobis", "backbone": "efficientnet-lite0", "input_size": 224},
     "padim": {"detector": "padim", "backbone": "efficientnet-lite0", "input_size": 224},
     "patchcore": {"detector": "patchcore", "backbone": "efficientnet-lite0", "input_size": 224},
+    "spade": {"detector": "spade", "backbone": "efficientnet-lite0", "input_size": 224},
 }
 SEEDED = ("ganomaly", "efficientgan", "dense_ae")
 REPRODUCIBLE = ("ganomaly", "efficientgan")  # models with BatchNorm: the reference-mode column
@@ -205,26 +206,38 @@ def run_cell(cell, train, test, labels, args) -> dict:
     return out
 
 
-# -- Gaussian feature detectors: one backbone pass for every class --------------------------------
-#: methods whose fit is a sum over images (exactly combinable per class): fitted for all ten abnormal
-#: classes from one pass of the backbone over each image (:func:`run_gaussian_leave_one_out`)
-SHARED_PASS = ("mahalanobis", "padim")
+# -- Feature detectors: one backbone pass for every class -----------------------------------------
+#: methods fitted for all ten abnormal classes from one pass of the backbone over each image
+#: (:func:`run_shared_leave_one_out`): the Gaussians' fits are sums over images (exactly combinable per
+#: class); SPADE's image score needs only the pooled features of a reservoir sample of the training images
+SHARED_PASS = ("mahalanobis", "padim", "spade")
+GAUSSIAN = ("mahalanobis", "padim")
 
 
-def run_gaussian_leave_one_out(data, methods, classes, args, log=print) -> list:
+def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
     """Rows ``{class, method, seed, config, auroc, ...}`` of ``methods`` x ``classes``.
 
     Fitting one model per abnormal class from scratch would run the backbone over 45,000 images ten
-    times. Instead each class's training images go through the backbone once and their sums are kept
-    per class (``new_statistics`` / ``accumulate``); the model that leaves class c out is
-    ``fit_statistics`` of the other nine classes' sums (``merge_statistics``, exact), i.e. the model a
-    fit on those 45,000 images gives. A second pass scores the 10,000 test images under every class's
-    model and each class's 5,000 training images under its own model (they are its abnormal test images).
+    times. Instead each class's training images go through the backbone once:
+
+    - Mahalanobis, PaDiM: their sums are kept per class (``new_statistics`` / ``accumulate``); the model
+      that leaves class c out is ``fit_statistics`` of the other nine classes' sums (``merge_statistics``,
+      exact), i.e. the model a fit on those 45,000 images gives.
+    - SPADE: the pooled features of every training image are kept; the model that leaves class c out
+      holds the images a fit on those 45,000 (in :func:`leave_one_out`'s order, batches of
+      ``--feature-batch``) would keep (:class:`ReservoirSlots` replayed on indices), and its image score
+      is :func:`spade.image_scores` (the anomaly maps, which the AUROC does not use, are not made).
+
+    A second pass scores the 10,000 test images under every class's model; each class's 5,000 training
+    images (its abnormal test images) are scored under its own model, by a third pass for the Gaussians
+    and from the kept features for SPADE.
     """
     import tensorflow as tf
     from keras import ops
 
     from mvtec_keras.detectors import detector_class
+    from mvtec_keras.detectors.feature_common import ReservoirSlots, pooled
+    from mvtec_keras.detectors.spade import image_scores
     from mvtec_keras.features.extractor import build_feature_extractor
 
     cfgs = {m: config_of(m, args.overrides) for m in methods}
@@ -237,8 +250,11 @@ def run_gaussian_leave_one_out(data, methods, classes, args, log=print) -> list:
         cfg = {k: v for k, v in cfgs[m].items() if k not in ("detector", "backbone")}
         return detector_class(cfgs[m]["detector"])(backbone=backbone, **cfg)
 
+    def levels_of(det):
+        return (det.image_level,) if isinstance(det, detector_class("spade")) else det.levels
+
     # one extractor with every level that any of the methods reads
-    levels = tuple(sorted({int(v) for m in methods for v in make(m).levels}))
+    levels = tuple(sorted({int(v) for m in methods for v in levels_of(make(m))}))
     ext = build_feature_extractor(backbone, weights=weights, levels=levels, input_size=size)
     extract = tf.function(lambda t: ext(t, training=False), autograph=False,
                           input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
@@ -246,6 +262,8 @@ def run_gaussian_leave_one_out(data, methods, classes, args, log=print) -> list:
 
     def inputs(m, out):
         det = template[m]
+        if m == "spade":
+            return ops.convert_to_numpy(pooled(out[f"level{int(det.image_level)}"]))
         feats = [out[f"level{int(v)}"] for v in det.levels]
         return det.pooled_features(feats) if m == "mahalanobis" else det.concat_levels(feats)
 
@@ -257,13 +275,16 @@ def run_gaussian_leave_one_out(data, methods, classes, args, log=print) -> list:
     t0 = time.perf_counter()
     stats = {m: [] for m in methods}
     for k, cls in enumerate(CLASSES):
-        part = {m: template[m].new_statistics() for m in methods}
+        part = {m: [] if m == "spade" else template[m].new_statistics() for m in methods}
         for out in batches(x_tr[y_tr == k]):
             for m in methods:
-                template[m].accumulate(part[m], inputs(m, out))
+                if m == "spade":
+                    part[m].append(inputs(m, out))
+                else:
+                    template[m].accumulate(part[m], inputs(m, out))
         for m in methods:
-            stats[m].append(part[m])
-        log(f"    shared pass 1/2 (sums per class): {cls} done ({time.perf_counter() - t0:.0f}s)", flush=True)
+            stats[m].append(np.concatenate(part[m]) if m == "spade" else part[m])
+        log(f"    shared pass 1/2 (per class): {cls} done ({time.perf_counter() - t0:.0f}s)", flush=True)
     fit_pass_s = time.perf_counter() - t0
     models, finish_s = {}, {}
     for c in classes:
@@ -271,14 +292,30 @@ def run_gaussian_leave_one_out(data, methods, classes, args, log=print) -> list:
         for m in methods:
             t = time.perf_counter()
             det = make(m, ext)
-            models[m, c] = det.fit_statistics(det.merge_statistics([st for j, st in enumerate(stats[m]) if j != k]))
+            if m == "spade":
+                every = np.empty((len(x_tr), stats[m][0].shape[-1]), np.float32)
+                for j in range(len(CLASSES)):
+                    every[y_tr == j] = stats[m][j]
+                stream = every[y_tr != k]  # leave_one_out's training order
+                slots, kept = ReservoirSlots(det.max_bank_images, seed=int(det.seed)), []
+                for lo in range(0, len(stream), args.feature_batch):
+                    for i, slot in enumerate(slots.next(min(args.feature_batch, len(stream) - lo)), lo):
+                        if slot == len(kept):
+                            kept.append(i)
+                        elif slot >= 0:
+                            kept[slot] = i
+                models[m, c] = stream[kept]  # SPADE's image bank
+            else:
+                models[m, c] = det.fit_statistics(
+                    det.merge_statistics([st for j, st in enumerate(stats[m]) if j != k]))
             finish_s[m, c] = time.perf_counter() - t
-    del stats
 
-    def score(m, det, inp):
+    def score(m, model, inp):
+        if m == "spade":
+            return ops.convert_to_numpy(image_scores(inp, model, template[m].k)[0])
         if m == "mahalanobis":
-            return ops.convert_to_numpy(ops.sum(det.score_pooled(inp), axis=1))
-        return ops.convert_to_numpy(det.score_concat(inp, (size, size))[0])
+            return ops.convert_to_numpy(ops.sum(model.score_pooled(inp), axis=1))
+        return ops.convert_to_numpy(model.score_concat(inp, (size, size))[0])
 
     t0 = time.perf_counter()
     test_scores = {key: [] for key in models}
@@ -291,9 +328,14 @@ def run_gaussian_leave_one_out(data, methods, classes, args, log=print) -> list:
         f"({time.perf_counter() - t0:.0f}s)", flush=True)
     own_scores = {key: [] for key in models}
     for c in classes:
-        for out in batches(x_tr[y_tr == CLASSES.index(c)]):
-            for m in methods:
-                own_scores[m, c].append(score(m, models[m, c], inputs(m, out)))
+        k = CLASSES.index(c)
+        if "spade" in methods:
+            own_scores["spade", c].append(score("spade", models["spade", c], stats["spade"][k]))
+        gaussians = [m for m in methods if m in GAUSSIAN]
+        if gaussians:
+            for out in batches(x_tr[y_tr == k]):
+                for m in gaussians:
+                    own_scores[m, c].append(score(m, models[m, c], inputs(m, out)))
     score_pass_s = time.perf_counter() - t0
     rows, share = [], 1.0 / (len(methods) * len(classes))
     for c in classes:
@@ -425,13 +467,16 @@ def markdown(rows, sessions) -> str:
     out += ["", f"Total wall time of these cells: {total / 60:.1f} min."]
     passes = {json.dumps(r["shared_pass"], sort_keys=True) for r in rows if "shared_pass" in r}
     for p in map(json.loads, sorted(passes)):
+        gauss = [m for m in p["methods"] if m in GAUSSIAN]
+        how = ([f"{' and '.join(gauss)}: sums per class, the nine other classes' sums combined exactly per model"]
+               if gauss else []) + (["spade: pooled features per image kept, each model's bank the images a fit "
+                                     "on the nine other classes keeps"] if "spade" in p["methods"] else [])
         out.append(f"- {' and '.join(p['methods'])} for {len(p['classes'])} abnormal class(es) came from one shared "
-                   f"backbone pass (`run_gaussian_leave_one_out`: each training image through the backbone once, "
-                   f"sums per class, the nine other classes' sums combined exactly per model): fit pass "
-                   f"{p['fit_pass_s'] / 60:.1f} min over 50,000 training images, scoring pass "
-                   f"{p['score_pass_s'] / 60:.1f} min over 10,000 test images (under every class model) and "
-                   f"{5000 * len(p['classes']):,} abnormal training images; the cells' train/score seconds above "
-                   f"are those passes split evenly over the cells.")
+                   f"backbone pass (`run_shared_leave_one_out`: each training image through the backbone once; "
+                   f"{'; '.join(how)}): fit pass {p['fit_pass_s'] / 60:.1f} min over 50,000 training images, "
+                   f"scoring pass {p['score_pass_s'] / 60:.1f} min over 10,000 test images (under every class "
+                   f"model)" + (f" and {5000 * len(p['classes']):,} abnormal training images" if gauss else "")
+                   + "; the cells' train/score seconds above are those passes split evenly over the cells.")
     for s in sessions:
         out.append(f"- session {s.get('started')}: `{s.get('command')}`; load average at start "
                    f"{s.get('load_avg_at_start')}; {s.get('note', '')}")
@@ -511,7 +556,7 @@ def main(argv=None):
         print(f"{', '.join(methods)} x {len(classes)} class(es): one shared backbone pass", flush=True)
         todo = {cell_key(c) for c in shared}
         try:
-            rows = run_gaussian_leave_one_out(data, methods, classes, args)
+            rows = run_shared_leave_one_out(data, methods, classes, args)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -182,9 +182,20 @@ def test_spade_matches_brute_force(data):
 
 
 def test_spade_bank_is_bounded(data):
-    det = make(SpadeDetector, max_bank_images=10).fit(data[0], batch_size=4)
+    det = make(SpadeDetector, max_bank_images=10, seed=5).fit(data[0], batch_size=4)
     assert det.memory_bank_size_ == 10 and det.n_train_ == 24
     assert det.map_banks_[0].shape[0] == 10
+    # the bank is the reservoir sample that replaying the slots on indices gives (bench/cifar10.py relies on it)
+    slots, kept = fc.ReservoirSlots(10, seed=5), []
+    for lo in range(0, 24, 4):
+        for i, slot in enumerate(slots.next(4), lo):
+            if slot == len(kept):
+                kept.append(i)
+            elif slot >= 0:
+                kept[slot] = i
+    assert len(set(kept)) == 10 and max(kept) >= 10  # a sample, not just the first ten
+    expect = np.asarray(fc.pooled(det.extractor(data[0][np.asarray(kept)])["level9"]))
+    np.testing.assert_allclose(det.image_bank_, expect, rtol=1e-4, atol=1e-5)
 
 
 def test_padim_matches_numpy_reference(data):

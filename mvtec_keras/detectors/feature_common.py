@@ -197,6 +197,32 @@ def iter_images(data, batch_size: int, progress: bool = False) -> Iterator[np.nd
         yield np.asarray(batch["image"], dtype=np.float32)
 
 
+class ReservoirSlots:
+    """Where each item of a stream goes in a seeded uniform sample of at most ``capacity`` items
+    (reservoir sampling, Algorithm R, one batch at a time).
+
+    Item ``t`` (0-based) takes slot ``t`` while ``t < capacity``; after that it replaces a random slot
+    ``j <= t``, kept only when ``j < capacity``. Only the stream's length and the seed decide, so a
+    sample can be drawn again from indices alone (bench/cifar10.py's shared pass does for SPADE).
+    """
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = int(capacity)
+        self.seen = 0
+        self._rng = np.random.default_rng(seed)
+
+    def next(self, n: int) -> np.ndarray:
+        """Slots of the next ``n`` items, ``-1`` for the dropped ones (a repeated slot: the later item wins)."""
+        t = self.seen + np.arange(int(n))
+        slots = t.copy()
+        over = t >= self.capacity
+        if over.any():
+            j = self._rng.integers(0, t[over] + 1)
+            slots[over] = np.where(j < self.capacity, j, -1)
+        self.seen += int(n)
+        return slots
+
+
 def pooled(feature):
     """Global average pooling of [B, h, w, c] (a [B, c] input passes through).
 

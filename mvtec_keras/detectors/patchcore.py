@@ -33,7 +33,9 @@ from keras import ops
 from .. import backends
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import BackboneMixin, argmax, greedy_coreset, iter_images, knn, resize, to_rgb, upsample_blur
+from .feature_common import (
+    BackboneMixin, ReservoirSlots, argmax, greedy_coreset, iter_images, knn, resize, to_rgb, upsample_blur,
+)
 
 STATE_FILE = "patchcore_state.npz"
 
@@ -201,31 +203,24 @@ class PatchcoreDetector(BackboneMixin, Detector):
 
 class PatchReservoir:
     """At most ``capacity`` rows of a stream: all of them while they fit, in arrival order;
-    beyond that a seeded uniform sample (reservoir sampling, Algorithm R, one batch at a time)."""
+    beyond that a seeded uniform sample (:class:`ReservoirSlots`)."""
 
     def __init__(self, capacity: int, seed: int = 0):
         self.capacity = int(capacity)
-        self.seen = 0
+        self._slots = ReservoirSlots(capacity, seed)
         self._rows = None  # [capacity, c], allocated once (pages are touched only as rows arrive)
-        self._rng = np.random.default_rng(seed)
+
+    @property
+    def seen(self) -> int:
+        return self._slots.seen
 
     def add(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float32)
         if self._rows is None:
             self._rows = np.empty((self.capacity, rows.shape[-1]), np.float32)
-        if self.seen < self.capacity:
-            take = rows[: self.capacity - self.seen]
-            self._rows[self.seen : self.seen + len(take)] = take
-            self.seen += len(take)
-            rows = rows[len(take) :]
-        if not len(rows):
-            return
-        # Row number t (0-based) replaces a random slot j <= t when j < capacity.
-        t = self.seen + np.arange(len(rows))
-        j = self._rng.integers(0, t + 1)
-        keep = j < self.capacity
-        self._rows[j[keep]] = rows[keep]  # repeated slots: the later row wins, as in the loop
-        self.seen += len(rows)
+        slots = self._slots.next(len(rows))
+        keep = slots >= 0
+        self._rows[slots[keep]] = rows[keep]  # repeated slots: the later row wins, as in the loop
 
     def rows(self) -> np.ndarray:
         """The kept rows (a view, no copy): in arrival order while they fit."""

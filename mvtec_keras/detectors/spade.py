@@ -20,10 +20,17 @@ from .. import backends
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
 from .feature_common import (
-    BackboneMixin, augment_bank, gaussian_blur, iter_images, knn, min_distances, pooled, resize,
+    BackboneMixin, ReservoirSlots, augment_bank, gaussian_blur, iter_images, knn, min_distances, pooled, resize,
 )
 
 STATE_FILE = "spade_state.npz"
+
+
+def image_scores(pooled_features, image_bank, k: int):
+    """SPADE's image score of pooled features ``[B, c]``: the mean distance to their ``k`` nearest
+    rows of ``image_bank`` (``k`` clipped to the bank size); also returns those rows' indices."""
+    dist, nn = knn(pooled_features, image_bank, int(k))
+    return ops.mean(dist, axis=1), nn
 
 
 @register_detector("spade")
@@ -64,21 +71,22 @@ class SpadeDetector(BackboneMixin, Detector):
         if int(self.k) < 1 or int(self.max_bank_images) < 1:
             raise InputError(f"k and max_bank_images must be >= 1, got {self.k} and {self.max_bank_images}")
         cap = int(self.max_bank_images)
-        rng = np.random.default_rng(int(self.seed))
-        bank, seen = [], 0  # entries: (pooled vector, [per-level maps])
+        slots = ReservoirSlots(cap, seed=int(self.seed))  # keeps memory bounded by `cap` images
+        bank = []  # entries: (pooled vector, [per-level maps])
         for x in iter_images(train, batch_size, progress):
             # Replicas' features joined in replica order: the one-device stream, whatever the replicas.
             parts = self._per_replica(self._split, x)
             g = np.concatenate([ops.convert_to_numpy(p[0]) for p in parts])
             maps = [np.concatenate([ops.convert_to_numpy(p[1][j]) for p in parts]) for j in range(len(parts[0][1]))]
-            for i in range(len(g)):  # reservoir sampling keeps memory bounded by `cap`
-                slot = seen if seen < cap else int(rng.integers(seen + 1))
-                seen += 1
+            for i, slot in enumerate(slots.next(len(g))):
+                if slot < 0:
+                    continue
                 entry = (g[i].copy(), [m[i].copy() for m in maps])
                 if slot == len(bank):
                     bank.append(entry)
-                elif slot < cap:
+                else:
                     bank[slot] = entry
+        seen = slots.seen
         if not seen:
             raise InputError("SPADE got no training images")
         n = len(bank)
@@ -121,8 +129,7 @@ class SpadeDetector(BackboneMixin, Detector):
         size = tuple(ops.shape(images)[1:3])
         g, maps = self._split(images)
         bank_img, bank_augs = self._tensors()
-        dist, nn = knn(g, bank_img, int(self.k))  # k is clipped to the bank size
-        scores = ops.mean(dist, axis=1)
+        scores, nn = image_scores(g, bank_img, int(self.k))
         level_maps = []
         for f, bank, aug in zip(maps, self.map_banks_, bank_augs):
             b, h, w, c = f.shape
