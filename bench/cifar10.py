@@ -193,9 +193,9 @@ def run_cell(cell, train, test, labels, args) -> dict:
     out["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cell["method"] in PRESETS and PRESETS[cell["method"]].get("input_size"):
-        scores = det.score(_upscaled(test, cfg["input_size"], args.feature_batch)).scores
+        scores = det.score(_upscaled(test, cfg["input_size"], args.feature_batch), keep_maps=False).scores
     else:
-        scores = det.score(test.astype(np.float32) / 255.0, batch_size=500).scores
+        scores = det.score(test.astype(np.float32) / 255.0, batch_size=500, keep_maps=False).scores
     out["score_s"] = time.perf_counter() - t0
     out["auroc"] = float(roc_auc_score(labels, scores))
     if args.reproduction and cell["method"] in REPRODUCIBLE:
