@@ -406,7 +406,8 @@ def markdown(rows, sessions) -> str:
             "`../shared/data/cifar10/cifar10_jpg.zip` (JPEG re-encodings of the 32x32 originals). GANs and the "
             "dense AE at the reference's settings (32 px, 15 epochs, batch 64, latent 100, lr 2e-4, last epoch's "
             "weights); feature detectors on EfficientNet-Lite0 (ImageNet) with the images upscaled bilinearly to "
-            "224 px. No model selection on test labels, no test-set normalisation.", "",
+            "224 px, at the detectors' defaults otherwise (SPADE: k 50 over a bank of 1,000 training images drawn "
+            "uniformly). No model selection on test labels, no test-set normalisation.", "",
             "Timings are wall times of the project's 2-core CPU and depend on what else ran (bench sessions "
             "have run alongside each other and alongside other jobs, so they are slower than a quiet machine); "
             "each session's load average at its start is listed under *What ran*. AUROC is unaffected.", "",
