@@ -209,8 +209,9 @@ def run_cell(cell, train, test, labels, args) -> dict:
 # -- Feature detectors: one backbone pass for every class -----------------------------------------
 #: methods fitted for all ten abnormal classes from one pass of the backbone over each image
 #: (:func:`run_shared_leave_one_out`): the Gaussians' fits are sums over images (exactly combinable per
-#: class); SPADE's image score needs only the pooled features of a reservoir sample of the training images
-SHARED_PASS = ("mahalanobis", "padim", "spade")
+#: class); SPADE's image score needs only the pooled features of a reservoir sample of the training images;
+#: PatchCore's sample of training patches is a reservoir fed batch by batch, one per class model
+SHARED_PASS = ("mahalanobis", "padim", "spade", "patchcore")
 GAUSSIAN = ("mahalanobis", "padim")
 
 
@@ -224,13 +225,17 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
       that leaves class c out is ``fit_statistics`` of the other nine classes' sums (``merge_statistics``,
       exact), i.e. the model a fit on those 45,000 images gives.
     - SPADE: the pooled features of every training image are kept; the model that leaves class c out
-      holds the images a fit on those 45,000 (in :func:`leave_one_out`'s order, batches of
-      ``--feature-batch``) would keep (:class:`ReservoirSlots` replayed on indices), and its image score
-      is :func:`spade.image_scores` (the anomaly maps, which the AUROC does not use, are not made).
+      holds the images a fit on those 45,000 (in :func:`leave_one_out`'s order) would keep
+      (:class:`ReservoirSlots` replayed on indices), and its image score is :func:`spade.image_scores`
+      (the anomaly maps, which the AUROC does not use, are not made).
+    - PatchCore: every class model has its own patch sample (``new_sample``), fed the other nine classes'
+      patches in :func:`leave_one_out`'s order, then ``fit_sample`` takes the coreset: the bank a fit on
+      those 45,000 images gives. (A reservoir's draws depend on the stream's length only, not on its
+      batches, which here end at class boundaries and in a fit do not.)
 
     A second pass scores the 10,000 test images under every class's model; each class's 5,000 training
     images (its abnormal test images) are scored under its own model, by a third pass for the Gaussians
-    and from the kept features for SPADE.
+    and PatchCore and from the kept features for SPADE.
     """
     import tensorflow as tf
     from keras import ops
@@ -265,7 +270,13 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
         if m == "spade":
             return ops.convert_to_numpy(pooled(out[f"level{int(det.image_level)}"]))
         feats = [out[f"level{int(v)}"] for v in det.levels]
+        if m == "patchcore":
+            return ops.convert_to_numpy(det.patches_of(feats))
         return det.pooled_features(feats) if m == "mahalanobis" else det.concat_levels(feats)
+
+    # PatchCore: per class model, its sample of training patches
+    patch_models = {c: make("patchcore", ext) for c in classes} if "patchcore" in methods else {}
+    samples = {}
 
     def batches(images):
         for batch in _upscaled(images, size, args.feature_batch):
@@ -275,11 +286,19 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
     t0 = time.perf_counter()
     stats = {m: [] for m in methods}
     for k, cls in enumerate(CLASSES):
-        part = {m: [] if m == "spade" else template[m].new_statistics() for m in methods}
+        part = {m: [] if m in ("spade", "patchcore") else template[m].new_statistics() for m in methods}
         for out in batches(x_tr[y_tr == k]):
             for m in methods:
                 if m == "spade":
                     part[m].append(inputs(m, out))
+                elif m == "patchcore":
+                    p = inputs(m, out)
+                    patch_shape = p.shape[1:3]
+                    for c in patch_models:
+                        if c != cls:
+                            if c not in samples:
+                                samples[c] = patch_models[c].new_sample(p.shape[-1])
+                            samples[c].add(p.reshape(-1, p.shape[-1]))
                 else:
                     template[m].accumulate(part[m], inputs(m, out))
         for m in methods:
@@ -292,18 +311,21 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
         for m in methods:
             t = time.perf_counter()
             det = make(m, ext)
-            if m == "spade":
+            if m == "patchcore":
+                models[m, c] = patch_models[c].fit_sample(samples.pop(c), patch_shape)
+                log(f"    patchcore coreset for {c}: {models[m, c].memory_bank_size_} patches "
+                    f"({time.perf_counter() - t:.0f}s)", flush=True)
+            elif m == "spade":
                 every = np.empty((len(x_tr), stats[m][0].shape[-1]), np.float32)
                 for j in range(len(CLASSES)):
                     every[y_tr == j] = stats[m][j]
                 stream = every[y_tr != k]  # leave_one_out's training order
-                slots, kept = ReservoirSlots(det.max_bank_images, seed=int(det.seed)), []
-                for lo in range(0, len(stream), args.feature_batch):
-                    for i, slot in enumerate(slots.next(min(args.feature_batch, len(stream) - lo)), lo):
-                        if slot == len(kept):
-                            kept.append(i)
-                        elif slot >= 0:
-                            kept[slot] = i
+                kept = []
+                for i, slot in enumerate(ReservoirSlots(det.max_bank_images, seed=int(det.seed)).next(len(stream))):
+                    if slot == len(kept):
+                        kept.append(i)
+                    elif slot >= 0:
+                        kept[slot] = i
                 models[m, c] = stream[kept]  # SPADE's image bank
             else:
                 models[m, c] = det.fit_statistics(
@@ -311,6 +333,8 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
             finish_s[m, c] = time.perf_counter() - t
 
     def score(m, model, inp):
+        if m == "patchcore":
+            return ops.convert_to_numpy(model.score_patches(inp, (size, size))[0])
         if m == "spade":
             return ops.convert_to_numpy(image_scores(inp, model, template[m].k)[0])
         if m == "mahalanobis":
@@ -331,10 +355,10 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
         k = CLASSES.index(c)
         if "spade" in methods:
             own_scores["spade", c].append(score("spade", models["spade", c], stats["spade"][k]))
-        gaussians = [m for m in methods if m in GAUSSIAN]
-        if gaussians:
+        repass = [m for m in methods if m != "spade"]  # SPADE scores the features it kept
+        if repass:
             for out in batches(x_tr[y_tr == k]):
-                for m in gaussians:
+                for m in repass:
                     own_scores[m, c].append(score(m, models[m, c], inputs(m, out)))
     score_pass_s = time.perf_counter() - t0
     rows, share = [], 1.0 / (len(methods) * len(classes))

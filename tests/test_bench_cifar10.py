@@ -89,9 +89,11 @@ def test_runs_a_cell_then_skips_it(tmp_path, capsys):
 
 
 def test_shared_pass_gives_the_per_class_fit(tmp_path):
-    """Mahalanobis, PaDiM and SPADE for the abnormal classes from one backbone pass (sums or pooled
-    features per class, nine combined) equal fitting each class's leave-one-out detector from its
-    images, cell by cell; SPADE's bank is capped below the 36 training images, so its reservoir is replayed."""
+    """Mahalanobis, PaDiM, SPADE and PatchCore for the abnormal classes from one backbone pass equal
+    fitting each class's leave-one-out detector from its images, cell by cell. SPADE's bank and
+    PatchCore's patch sample are capped below the training set, so their reservoirs' draws are replayed
+    (PatchCore's in the stream's batches, which span class boundaries: cat, then dog, leave out a class
+    in the middle of the stream)."""
     from mvtec_keras.features.extractor import build_feature_extractor
 
     _fake_zip(tmp_path / "c.zip")
@@ -100,13 +102,14 @@ def test_shared_pass_gives_the_per_class_fit(tmp_path):
     tiny = ["--set", f"mahalanobis.weights={weights}", "--set", "mahalanobis.input_size=32",
             "--set", f"padim.weights={weights}", "--set", "padim.input_size=32", "--set", "padim.sigma=1.0",
             "--set", f"spade.weights={weights}", "--set", "spade.input_size=32", "--set", "spade.k=3",
-            "--set", "spade.max_bank_images=20"]
-    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "mahalanobis,padim,spade",
+            "--set", "spade.max_bank_images=20", "--set", f"patchcore.weights={weights}",
+            "--set", "patchcore.input_size=32", "--set", "patchcore.memory_budget_mb=0.5"]
+    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog,cat", "--methods", "mahalanobis,padim,spade,patchcore",
             "--out", str(tmp_path / "r.jsonl"), "--feature-batch", "8", *tiny]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in open(tmp_path / "r.jsonl") if '"auroc"' in line]
-    assert sorted((r["class"], r["method"]) for r in rows) == [("dog", "mahalanobis"), ("dog", "padim"),
-                                                              ("dog", "spade")]
+    assert sorted((r["class"], r["method"]) for r in rows) == sorted(
+        (c, m) for c in ("dog", "cat") for m in ("mahalanobis", "padim", "spade", "patchcore"))
     assert all(r["n_test"] == 9 * 2 + 4 + 2 for r in rows)  # 9 normal classes' test images + the abnormal 6
     args = bench.parse_args(argv)
     data = bench.load_cifar10(args.zip)

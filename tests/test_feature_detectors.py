@@ -186,13 +186,12 @@ def test_spade_bank_is_bounded(data):
     assert det.memory_bank_size_ == 10 and det.n_train_ == 24
     assert det.map_banks_[0].shape[0] == 10
     # the bank is the reservoir sample that replaying the slots on indices gives (bench/cifar10.py relies on it)
-    slots, kept = fc.ReservoirSlots(10, seed=5), []
-    for lo in range(0, 24, 4):
-        for i, slot in enumerate(slots.next(4), lo):
-            if slot == len(kept):
-                kept.append(i)
-            elif slot >= 0:
-                kept[slot] = i
+    kept = []
+    for i, slot in enumerate(fc.ReservoirSlots(10, seed=5).next(24)):  # one call: batching does not matter
+        if slot == len(kept):
+            kept.append(i)
+        elif slot >= 0:
+            kept[slot] = i
     assert len(set(kept)) == 10 and max(kept) >= 10  # a sample, not just the first ten
     expect = np.asarray(fc.pooled(det.extractor(data[0][np.asarray(kept)])["level9"]))
     np.testing.assert_allclose(det.image_bank_, expect, rtol=1e-4, atol=1e-5)
@@ -435,6 +434,13 @@ def test_patch_reservoir_keeps_everything_within_capacity_then_samples():
                 ref[j] = float(tt)
     assert r.seen == 40 and len(r.rows()) == cap
     np.testing.assert_array_equal(r.rows()[:, 0], ref)
+    # the draws depend on the stream's length only, not on its batches
+    for sizes in ((40,), (1,) * 40, (3, 17, 20), (11, 29)):
+        other, lo = PatchReservoir(10, seed=3), 0
+        for n in sizes:
+            other.add(rows[lo : lo + n])
+            lo += n
+        np.testing.assert_array_equal(other.rows(), r.rows())
     # roughly uniform: every row has a 10/40 chance; over many seeds each is kept ~25 % of the time
     kept = np.zeros(40)
     for seed in range(300):

@@ -202,8 +202,9 @@ class ReservoirSlots:
     (reservoir sampling, Algorithm R, one batch at a time).
 
     Item ``t`` (0-based) takes slot ``t`` while ``t < capacity``; after that it replaces a random slot
-    ``j <= t``, kept only when ``j < capacity``. Only the stream's length and the seed decide, so a
-    sample can be drawn again from indices alone (bench/cifar10.py's shared pass does for SPADE).
+    ``j <= t``, kept only when ``j < capacity``. Only the stream's length and the seed decide, not how
+    it is batched (numpy draws one bounded integer per item; tested), so a sample can be drawn again from
+    indices alone or from differently batched data (bench/cifar10.py's shared pass does both).
     """
 
     def __init__(self, capacity: int, seed: int = 0):

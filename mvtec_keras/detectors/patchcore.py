@@ -72,11 +72,15 @@ class PatchcoreDetector(BackboneMixin, Detector):
 
     def patch_features(self, images):
         """Locally aware patch features, [B, h, w, C]."""
+        return self.patches_of(self._features(images, self._needed_levels()))
+
+    def patches_of(self, level_features):
+        """:meth:`patch_features` from the extractor's level tensors (in ``levels`` order)."""
         # 3x3 neighbourhood mean over a zero-padded map (border patches average in
         # the padding, as the reference implementation's unfold does).
         feats = [
             ops.average_pool(ops.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0))), pool_size=3, strides=1, padding="valid")
-            for f in self._features(images, self._needed_levels())
+            for f in level_features
         ]
         size = max((tuple(f.shape[1:3]) for f in feats), key=lambda s: s[0] * s[1])
         x = ops.concatenate([resize(f, size, "bilinear") for f in feats], axis=-1)
@@ -98,17 +102,25 @@ class PatchcoreDetector(BackboneMixin, Detector):
             # reservoir and the coreset, so the bank does not depend on the number of replicas.
             f = np.concatenate([ops.convert_to_numpy(p) for p in self._per_replica(self.patch_features, x)])
             if shape is None:
-                shape, c = f.shape[1:3], f.shape[-1]
-                work = min(int(self.proj_dim), c) if self.proj_dim else c  # the coreset's copy of each row
-                cap = max(1, int(float(self.memory_budget_mb) * 2**20) // (4 * (c + work)))
-                sample = PatchReservoir(cap, seed=int(self.seed))
+                shape, sample = f.shape[1:3], self.new_sample(f.shape[-1])
             elif f.shape[1:3] != shape:
                 raise InputError(f"training images give feature maps {f.shape[1:3]}, earlier ones {shape}")
             sample.add(f.reshape(-1, f.shape[-1]))
         if sample is None:
             raise InputError("PatchCore got no training images")
+        self.fit_sample(sample, shape)
+
+    # The fit in two steps, so that a caller streaming patches itself (the CIFAR-10 bench's shared
+    # backbone pass) gets the bank a fit on the same stream gives.
+    def new_sample(self, channels: int) -> "PatchReservoir":
+        """An empty sample of training patches of ``channels`` features, sized by ``memory_budget_mb``."""
+        work = min(int(self.proj_dim), channels) if self.proj_dim else channels  # the coreset's copy of each row
+        cap = max(1, int(float(self.memory_budget_mb) * 2**20) // (4 * (channels + work)))
+        return PatchReservoir(cap, seed=int(self.seed))
+
+    def fit_sample(self, sample: "PatchReservoir", feature_shape) -> "PatchcoreDetector":
+        """The memory bank: the coreset of the patches ``sample`` kept (fed one training batch per ``add``)."""
         patches, n_seen = sample.rows(), sample.seen
-        del sample
         n_keep = min(int(math.ceil(float(self.coreset_ratio) * len(patches))), int(self.max_bank_size))
         if n_keep >= len(patches):
             idx = np.arange(len(patches))
@@ -117,10 +129,11 @@ class PatchcoreDetector(BackboneMixin, Detector):
         self._cache = None
         self.memory_bank_ = np.ascontiguousarray(patches[idx], dtype=np.float32)
         self.memory_bank_size_ = len(self.memory_bank_)
-        self.feature_shape_ = np.asarray(shape, dtype=np.int64)
+        self.feature_shape_ = np.asarray(tuple(feature_shape), dtype=np.int64)
         self.n_train_patches_ = n_seen
         self.n_sampled_patches_ = len(patches)
         self._warm_up()
+        return self
 
     # -- scoring ---------------------------------------------------------------
     def _tensors(self):
@@ -154,8 +167,11 @@ class PatchcoreDetector(BackboneMixin, Detector):
         # The backbone and the nearest-neighbour search are traced graphs; the rest is a
         # few large ops, cheap in eager mode.
         images = to_rgb(images)
-        size = tuple(images.shape[1:3])
-        f = self.patch_features(images)
+        return self.score_patches(self.patch_features(images), tuple(images.shape[1:3]))
+
+    def score_patches(self, f, size):
+        """``(image scores, maps of ``size``)`` of patch features ``f`` (:meth:`patches_of`)."""
+        self._check_fitted()
         b, h, w, c = f.shape
         if (h, w) != tuple(int(v) for v in self.feature_shape_):
             fitted = "x".join(str(int(v)) for v in self.feature_shape_)
