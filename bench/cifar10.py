@@ -189,11 +189,12 @@ def run_cell(cell, train, test, labels, args) -> dict:
             det.save(_model_dir(args, cell, cell["seed"]))
     else:
         det = detector_class(cell["config"]["detector"])(**cfg)
-        det.fit(_upscaled(train, cfg["input_size"], args.feature_batch))
+        det.fit(_upscaled(train, cfg["input_size"], args.feature_batch), progress=True)
     out["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cell["method"] in PRESETS and PRESETS[cell["method"]].get("input_size"):
-        scores = det.score(_upscaled(test, cfg["input_size"], args.feature_batch), keep_maps=False).scores
+        scores = det.score(_upscaled(test, cfg["input_size"], args.feature_batch), keep_maps=False,
+                           progress=True).scores
     else:
         scores = det.score(test.astype(np.float32) / 255.0, batch_size=500, keep_maps=False).scores
     out["score_s"] = time.perf_counter() - t0
@@ -278,9 +279,14 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
     patch_models = {c: make("patchcore", ext) for c in classes} if "patchcore" in methods else {}
     samples = {}
 
-    def batches(images):
+    def batches(images, what=None):
+        """The extractor's outputs batch by batch; ``what``: a log line at every tenth of the images."""
+        t, done, step = time.perf_counter(), 0, max(1, len(images) // 10)
         for batch in _upscaled(images, size, args.feature_batch):
             yield extract(batch["image"])
+            done += int(batch["image"].shape[0])
+            if what and done // step != (done - int(batch["image"].shape[0])) // step:
+                log(f"    {what}: {done}/{len(images)} images ({time.perf_counter() - t:.0f}s)", flush=True)
 
     (x_tr, y_tr), (x_te, y_te) = data["train"], data["test"]
     t0 = time.perf_counter()
@@ -343,7 +349,7 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
 
     t0 = time.perf_counter()
     test_scores = {key: [] for key in models}
-    for out in batches(x_te):
+    for out in batches(x_te, "scoring the test images under every class model"):
         for m in methods:
             inp = inputs(m, out)
             for c in classes:
@@ -357,7 +363,7 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
             own_scores["spade", c].append(score("spade", models["spade", c], stats["spade"][k]))
         repass = [m for m in methods if m != "spade"]  # SPADE scores the features it kept
         if repass:
-            for out in batches(x_tr[y_tr == k]):
+            for out in batches(x_tr[y_tr == k], f"scoring {c}'s training images (abnormal) under its model"):
                 for m in repass:
                     own_scores[m, c].append(score(m, models[m, c], inputs(m, out)))
     score_pass_s = time.perf_counter() - t0
