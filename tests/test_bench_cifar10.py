@@ -50,6 +50,26 @@ def test_report_keeps_the_leaky_figure_apart():
     assert '`{"filters": 64}`' in leaky  # the ablation row is listed apart, not pooled
 
 
+def test_ablation_status_compares_an_option_with_the_default_on_its_seeds():
+    cfg = bench.PRESETS["ganomaly"]
+
+    def row(seed, auroc, leaky, **option):
+        return {"class": "dog", "method": "ganomaly", "seed": seed, "config": {**cfg, **option}, "auroc": auroc,
+                "auroc_reference_leaky": leaky, "train_s": 1.0, "score_s": 1.0}
+
+    assert "no option has been run yet" in bench.ablation_status([row(0, 0.52, 0.8)])[0]
+    rows = [row(0, 0.52, 0.80), row(1, 0.54, 0.84), row(2, 0.50, 0.82), row(0, 0.60, 0.66, tanh_output=True)]
+    text = "\n".join(bench.ablation_status(rows))
+    # the option's seed 0 against the default's seed 0 only, not the default's 3-seed mean
+    assert '| `{"tanh_output": true}` | 0 | 0.600 (n=1) | 0.520 (n=1) | 0.660 (n=1) | 0.800 (n=1) |' in text
+    assert "screening only." in text and "above" not in text
+    rows += [row(1, 0.50, 0.7, tanh_output=True), row(2, 0.49, 0.7, tanh_output=True)]
+    text = "\n".join(bench.ablation_status(rows))
+    assert '`{"tanh_output": true}` is above the default over its 3 seeds' in text  # 0.530 against 0.520
+    rows[-1]["auroc"] = 0.45
+    assert "is not above the default" in "\n".join(bench.ablation_status(rows))  # 0.517 against 0.520
+
+
 def test_a_methods_mean_says_over_how_many_classes():
     def row(cls, method, auroc):
         return {"class": cls, "method": method, "seed": None, "config": bench.PRESETS[method], "auroc": auroc,
