@@ -532,12 +532,15 @@ def markdown(rows, sessions) -> str:
         gauss = [m for m in p["methods"] if m in GAUSSIAN]
         how = ([f"{' and '.join(gauss)}: sums per class, the nine other classes' sums combined exactly per model"]
                if gauss else []) + (["spade: pooled features per image kept, each model's bank the images a fit "
-                                     "on the nine other classes keeps"] if "spade" in p["methods"] else [])
+                                     "on the nine other classes keeps"] if "spade" in p["methods"] else []) + (
+            ["patchcore: each model's patch sample fed the nine other classes' patches as a fit would, then its "
+             "coreset"] if "patchcore" in p["methods"] else [])
+        repass = [m for m in p["methods"] if m != "spade"]
         out.append(f"- {' and '.join(p['methods'])} for {len(p['classes'])} abnormal class(es) came from one shared "
                    f"backbone pass (`run_shared_leave_one_out`: each training image through the backbone once; "
                    f"{'; '.join(how)}): fit pass {p['fit_pass_s'] / 60:.1f} min over 50,000 training images, "
                    f"scoring pass {p['score_pass_s'] / 60:.1f} min over 10,000 test images (under every class "
-                   f"model)" + (f" and {5000 * len(p['classes']):,} abnormal training images" if gauss else "")
+                   f"model)" + (f" and {5000 * len(p['classes']):,} abnormal training images" if repass else "")
                    + "; the cells' train/score seconds above are those passes split evenly over the cells.")
     for s in sessions:
         out.append(f"- session {s.get('started')}: `{s.get('command')}`; load average at start "

@@ -131,6 +131,8 @@ def test_shared_pass_gives_the_per_class_fit(tmp_path):
     assert sorted((r["class"], r["method"]) for r in rows) == sorted(
         (c, m) for c in ("dog", "cat") for m in ("mahalanobis", "padim", "spade", "patchcore"))
     assert all(r["n_test"] == 9 * 2 + 4 + 2 for r in rows)  # 9 normal classes' test images + the abnormal 6
+    page = bench.markdown([json.loads(line) for line in open(tmp_path / "r.jsonl")], [])
+    assert "sums per class" in page and "spade: pooled features" in page and "patchcore: each model's" in page
     args = bench.parse_args(argv)
     data = bench.load_cifar10(args.zip)
     for r in rows:
