@@ -316,9 +316,9 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
         k = CLASSES.index(c)
         for m in methods:
             t = time.perf_counter()
-            det = make(m, ext)
+            det = patch_models[c] if m == "patchcore" else make(m, ext)
             if m == "patchcore":
-                models[m, c] = patch_models[c].fit_sample(samples.pop(c), patch_shape)
+                models[m, c] = det.fit_sample(samples.pop(c), patch_shape)
                 log(f"    patchcore coreset for {c}: {models[m, c].memory_bank_size_} patches "
                     f"({time.perf_counter() - t:.0f}s)", flush=True)
             elif m == "spade":
@@ -327,11 +327,7 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
                     every[y_tr == j] = stats[m][j]
                 stream = every[y_tr != k]  # leave_one_out's training order
                 kept = []
-                for i, slot in enumerate(ReservoirSlots(det.max_bank_images, seed=int(det.seed)).next(len(stream))):
-                    if slot == len(kept):
-                        kept.append(i)
-                    elif slot >= 0:
-                        kept[slot] = i
+                ReservoirSlots(det.max_bank_images, seed=int(det.seed)).place(kept, len(stream))
                 models[m, c] = stream[kept]  # SPADE's image bank
             else:
                 models[m, c] = det.fit_statistics(

@@ -223,6 +223,15 @@ class ReservoirSlots:
         self.seen += int(n)
         return slots
 
+    def place(self, kept: list, n: int, item=lambda i: i) -> None:
+        """Put the next ``n`` items into ``kept`` (the sample so far, a list): ``item(i)`` is made only for
+        the ``i``-th item of these ``n`` that is kept (by default its index)."""
+        for i, slot in enumerate(self.next(n)):
+            if slot == len(kept):
+                kept.append(item(i))
+            elif slot >= 0:
+                kept[slot] = item(i)
+
 
 def pooled(feature):
     """Global average pooling of [B, h, w, c] (a [B, c] input passes through).

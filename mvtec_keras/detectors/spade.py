@@ -78,14 +78,7 @@ class SpadeDetector(BackboneMixin, Detector):
             parts = self._per_replica(self._split, x)
             g = np.concatenate([ops.convert_to_numpy(p[0]) for p in parts])
             maps = [np.concatenate([ops.convert_to_numpy(p[1][j]) for p in parts]) for j in range(len(parts[0][1]))]
-            for i, slot in enumerate(slots.next(len(g))):
-                if slot < 0:
-                    continue
-                entry = (g[i].copy(), [m[i].copy() for m in maps])
-                if slot == len(bank):
-                    bank.append(entry)
-                else:
-                    bank[slot] = entry
+            slots.place(bank, len(g), lambda i: (g[i].copy(), [m[i].copy() for m in maps]))
         seen = slots.seen
         if not seen:
             raise InputError("SPADE got no training images")
