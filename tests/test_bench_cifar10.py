@@ -48,6 +48,23 @@ def test_report_keeps_the_leaky_figure_apart():
     assert "| dog | 0.550 ± 0.010 (n=2) |" in main and "0.670" not in main  # honest table: honest figures only
     assert "| dog | ganomaly | 0.550 ± 0.010 (n=2) | 0.670 ± 0.020 (n=2) |" in leaky
     assert '`{"filters": 64}`' in leaky  # the ablation row is listed apart, not pooled
+    # what the reference printed, as the yardstick: mean ± std over its 15 epochs, and its last epoch
+    assert "| dog | the reference GANomaly, as printed (its 15 epochs) | – | 0.670 ± 0.039 over its epochs; last 0.701 |" \
+        in leaky
+    assert "reference's architecture (`" not in leaky  # no such run yet
+
+
+def test_reproduction_table_lists_the_reference_architecture_apart():
+    arch = {**bench.PRESETS["ganomaly"], **bench.REFERENCE_ARCHITECTURE}
+    rows = [{"class": "dog", "method": "ganomaly", "seed": s, "config": cfg, "auroc": a, "auroc_reference_leaky": b,
+             "train_s": 1.0, "score_s": 1.0}
+            for s, cfg, a, b in ((0, bench.PRESETS["ganomaly"], 0.53, 0.82), (0, arch, 0.51, 0.66),
+                                 (1, arch, 0.55, 0.70), (0, {**arch, "filters": 32}, 0.5, 0.6))]
+    leaky = bench.markdown(rows, []).split("## Reproduction")[1].split("## GANomaly fidelity")[0]
+    assert "| dog | ganomaly | 0.530 (n=1) | 0.820 (n=1) |" in leaky  # the default alone in its row
+    line = next(x for x in leaky.splitlines() if "reference's architecture" in x)
+    assert json.dumps(bench.REFERENCE_ARCHITECTURE) in line
+    assert line.endswith("| 0.530 ± 0.020 (n=2) | 0.680 ± 0.020 (n=2) |")  # the near-miss config is not pooled
 
 
 def test_ablation_status_compares_an_option_with_the_default_on_its_seeds():
