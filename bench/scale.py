@@ -14,7 +14,8 @@ d = 100 (taps 3/4/6), Mahalanobis levels 1-9, PatchCore taps 4/6 with a 10 %
 coreset of its ``memory_budget_mb`` sample. Scoring memory is measured on the
 same folder as a test set (the first ``--score-n`` images, maps dropped as they
 stream). Results append to ``bench/results/scale.jsonl``; ``--doc`` rewrites
-``docs/bench_scale.md`` from that file (``--sizes --doc``: only that).
+``docs/bench_scale.md`` from that file, keeping the page's hand-written *This run* section (``--sizes --doc``:
+only that; plain ``--doc`` runs the default sizes first).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ METHODS = {"padim": FEATURE_METHODS["padim"], "mahalanobis": FEATURE_METHODS["ma
 TARGET_RSS_MB = 1536  # PaDiM and Mahalanobis, every size
 RESULTS = os.path.join(REPO, "bench", "results", "scale.jsonl")
 DOC = os.path.join(REPO, "docs", "bench_scale.md")
+NOTES = "## This run"  # the page's hand-written section, from this heading to the end; --doc keeps it
 
 
 def make_images(data: str, n: int, root: str, size: int = 224, seed: int = 0) -> str:
@@ -152,8 +154,16 @@ def write_doc(rows: list) -> None:
                      f"{growth:.2f} | <= 1 (at most linear) | {'yes' if growth <= 1.0 else 'no'} |")
     sizes_run = sorted({r["n_train"] for r in rows})
     lines += ["", f"Sizes measured: {', '.join(map(str, sizes_run))}. Sizes from the issue not in the table were not run."]
+    text = "\n".join(lines) + "\n"
+    # The page's hand-written notes on the runs (load, what ran alongside, earlier rows) are not in the results:
+    # keep them.
+    if os.path.isfile(DOC):
+        with open(DOC) as f:
+            old = f.read()
+        if NOTES in old:
+            text += "\n" + NOTES + old.split(NOTES, 1)[1]
     with open(DOC, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text)
     print(f"wrote {DOC}")
 
 
