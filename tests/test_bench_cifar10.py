@@ -133,6 +133,21 @@ def test_runs_a_cell_then_skips_it(tmp_path, capsys):
     assert "dense_ae" in report.read_text() and "Reproduce:" in report.read_text()
 
 
+def test_a_reinit_cell_records_how_often_the_discriminator_was_drawn_again(tmp_path):
+    _fake_zip(tmp_path / "c.zip")
+    # a threshold above any loss: every step re-draws the discriminator
+    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "ganomaly", "--seeds", "0",
+            "--set", "ganomaly.epochs=2", "--set", "ganomaly.reinit_d_below=1e9", "--set", "ganomaly.batch_size=16",
+            "--no-reproduction", "--out", str(tmp_path / "r.jsonl"), "--models-dir", str(tmp_path / "m")]
+    assert bench.main(argv) == 0
+    cell = [r for r in map(json.loads, open(tmp_path / "r.jsonl")) if "auroc" in r][0]
+    assert cell["d_reinits"] >= 2 and "auroc_reference_leaky" not in cell  # at least one step per epoch
+    report = tmp_path / "b.md"
+    assert bench.main(argv + ["--report", "--report-path", str(report)]) == 0
+    row = next(x for x in report.read_text().splitlines() if f"(discriminator re-draws: {cell['d_reinits']})" in x)
+    assert row.endswith(" | – |")  # run without the reference mode: a dash, not a made-up figure
+
+
 def test_shared_pass_gives_the_per_class_fit(tmp_path):
     """Mahalanobis, PaDiM, SPADE and PatchCore for the abnormal classes from one backbone pass equal
     fitting each class's leave-one-out detector from its images, cell by cell. SPADE's bank and
