@@ -544,13 +544,13 @@ def markdown(rows, sessions) -> str:
                 sub = [r for r in leaky if r["class"] == c and r["method"] == m]
                 if sub:
                     out.append(f"| {c} | {m} | {_fmt([r['auroc'] for r in sub])} | "
-                               f"{_fmt([r['auroc_reference_leaky'] for r in sub])} |")
+                               f"{_fmt(_leaky(sub))} |")
             arch = [r for r in rows if "auroc_reference_leaky" in r and r["class"] == c
                     and r["method"] == "ganomaly" and r["config"] == ref_arch]
             if arch:
                 out.append(f"| {c} | ganomaly in the reference's architecture (`{json.dumps(REFERENCE_ARCHITECTURE)}`)"
                            f" | {_fmt([r['auroc'] for r in arch])} | "
-                           f"{_fmt([r['auroc_reference_leaky'] for r in arch])} |")
+                           f"{_fmt(_leaky(arch))} |")
     out += ["", "## GANomaly fidelity options (ablation against the reference implementation)", "", ABLATION, "",
             *ablation_status(rows)]
     if other:
