@@ -8,7 +8,8 @@ cropped to 224. Each method runs in its own subprocess so that its peak RSS
 statistics (not building the backbone, reported apart); scoring throughput is
 end to end, from image files to scores and maps. Raw results go to
 ``bench/results/`` (git-ignored); ``--doc`` rewrites ``docs/bench_features.md``
-and ``docs/img/mahalanobis_levels.png`` from them.
+and ``docs/img/mahalanobis_levels.png`` from them, keeping the page's hand-written
+section (*Measured by other commands*, e.g. bench/spade_speed.py's figures).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from pages import write_page  # noqa: E402
 
 BACKBONE = "efficientnet-lite0"
 METHODS = {
@@ -125,6 +128,10 @@ def decode_rate(data: str, batch_size: int) -> float:
     n = sum(len(b["image"]) for b in make_dataset(cat.test, Preprocessing(size=256, crop=224, color_mode="rgb"), batch_size))
     return round(n / (time.perf_counter() - t), 1)
 
+
+#: the page's hand-written section (figures from other commands, e.g. bench/spade_speed.py), from this
+#: heading to the end: --doc keeps it
+MEASURED_APART = "## Measured by other commands"
 
 NOTES = [
     "- PaDiM: taps 3/4/6 (strides 4/8/16, 24+40+112 channels), nearest upsampling to 56x56, 100 random "
@@ -264,9 +271,7 @@ def write_doc(results: list, meta: dict, path: str) -> None:
         ]
     if meta.get("notes"):
         lines += ["## Notes", "", *meta["notes"], ""]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_page(path, "\n".join(lines), MEASURED_APART)  # keeps the hand-written section
 
 
 def main(argv=None) -> int:

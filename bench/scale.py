@@ -35,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from feature_methods import BACKBONE, METHODS as FEATURE_METHODS  # noqa: E402  (the quality bench's settings)
+from pages import write_page  # noqa: E402
 
 # The quality bench's settings; PatchCore's memory budget (its default) is named because it is under test here.
 METHODS = {"padim": FEATURE_METHODS["padim"], "mahalanobis": FEATURE_METHODS["mahalanobis"],
@@ -154,16 +155,9 @@ def write_doc(rows: list) -> None:
                      f"{growth:.2f} | <= 1 (at most linear) | {'yes' if growth <= 1.0 else 'no'} |")
     sizes_run = sorted({r["n_train"] for r in rows})
     lines += ["", f"Sizes measured: {', '.join(map(str, sizes_run))}. Sizes from the issue not in the table were not run."]
-    text = "\n".join(lines) + "\n"
     # The page's hand-written notes on the runs (load, what ran alongside, earlier rows) are not in the results:
-    # keep them.
-    if os.path.isfile(DOC):
-        with open(DOC) as f:
-            old = f.read()
-        if NOTES in old:
-            text += "\n" + NOTES + old.split(NOTES, 1)[1]
-    with open(DOC, "w") as f:
-        f.write(text)
+    # write_page keeps them.
+    write_page(DOC, "\n".join(lines) + "\n", NOTES)
     print(f"wrote {DOC}")
 
 
