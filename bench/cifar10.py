@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -224,8 +225,9 @@ SHARED_PASS = ("mahalanobis", "padim", "spade", "patchcore")
 GAUSSIAN = ("mahalanobis", "padim")
 
 
-def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
-    """Rows ``{class, method, seed, config, auroc, ...}`` of ``methods`` x ``classes``.
+def run_shared_leave_one_out(data, methods, classes, args, log=print):
+    """Yields the rows ``{class, method, seed, config, auroc, ...}`` of ``methods`` x ``classes``, one
+    class's rows as soon as that class is scored.
 
     Fitting one model per abnormal class from scratch would run the backbone over 45,000 images ten
     times. Instead each class's training images go through the backbone once:
@@ -242,9 +244,11 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
       those 45,000 images gives. (A reservoir's draws depend on the stream's length only, not on its
       batches, which here end at class boundaries and in a fit do not.)
 
-    A second pass scores the 10,000 test images under every class's model; each class's 5,000 training
-    images (its abnormal test images) are scored under its own model, by a third pass for the Gaussians
-    and PatchCore and from the kept features for SPADE.
+    A second pass takes the 10,000 test images through the backbone once: the Gaussians and SPADE score
+    them under every class's model, PatchCore keeps their patches in a temporary file. Then class by
+    class: PatchCore scores the kept test patches under the class's model, and the class's 5,000
+    training images (its abnormal test images) are scored under its models (one more backbone pass
+    over them; SPADE scores the features it kept).
     """
     import tensorflow as tf
     from keras import ops
@@ -317,7 +321,7 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
                     template[m].accumulate(part[m], inputs(m, out))
         for m in methods:
             stats[m].append(np.concatenate(part[m]) if m == "spade" else part[m])
-        log(f"    shared pass 1/2 (per class): {cls} done ({time.perf_counter() - t0:.0f}s)", flush=True)
+        log(f"    shared pass 1/3 (per class): {cls} done ({time.perf_counter() - t0:.0f}s)", flush=True)
     fit_pass_s = time.perf_counter() - t0
     models, finish_s = {}, {}
     for c in classes:
@@ -351,41 +355,72 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print) -> list:
             return ops.convert_to_numpy(ops.sum(model.score_pooled(inp), axis=1))
         return ops.convert_to_numpy(model.score_concat(inp, (size, size))[0])
 
-    t0 = time.perf_counter()
-    test_scores = {key: [] for key in models}
-    for out in batches(x_te, "scoring the test images under every class model"):
-        for m in methods:
-            inp = inputs(m, out)
-            for c in classes:
-                test_scores[m, c].append(score(m, models[m, c], inp))
-    log(f"    shared pass 2/2: {len(x_te)} test images scored under {len(classes)} class model(s) "
-        f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    own_scores = {key: [] for key in models}
-    for c in classes:
-        k = CLASSES.index(c)
-        if "spade" in methods:
-            own_scores["spade", c].append(score("spade", models["spade", c], stats["spade"][k]))
-        repass = [m for m in methods if m != "spade"]  # SPADE scores the features it kept
-        if repass:
-            for out in batches(x_tr[y_tr == k], f"scoring {c}'s training images (abnormal) under its model"):
-                for m in repass:
-                    own_scores[m, c].append(score(m, models[m, c], inputs(m, out)))
-    score_pass_s = time.perf_counter() - t0
-    rows, share = [], 1.0 / (len(methods) * len(classes))
-    for c in classes:
-        k = CLASSES.index(c)
-        for m in methods:
-            s_te = np.concatenate(test_scores[m, c])
-            scores = np.concatenate([s_te[y_te != k], s_te[y_te == k], np.concatenate(own_scores[m, c])])
-            labels = np.r_[np.zeros(int((y_te != k).sum())), np.ones(len(scores) - int((y_te != k).sum()))]
-            rows.append({"class": c, "method": m, "seed": None, "config": cfgs[m],
-                         "auroc": float(roc_auc_score(labels, scores)), "n_test": int(len(scores)),
-                         # amortised: the passes are shared by every (method, class) cell of this run
-                         "train_s": fit_pass_s * share + finish_s[m, c],
-                         "score_s": score_pass_s * share,
-                         "shared_pass": {"methods": list(methods), "classes": list(classes),
-                                         "fit_pass_s": fit_pass_s, "score_pass_s": score_pass_s}})
-    return rows
+    # Pass 2: the test images through the backbone once. The Gaussians and SPADE score them under every
+    # class model on the way (cheap next to the backbone); PatchCore's nearest-neighbour search costs
+    # minutes per class model, so its test patches go to a file and are scored class by class below,
+    # which lets each class's rows be written as soon as they exist.
+    cheap = [m for m in methods if m != "patchcore"]
+    with tempfile.TemporaryDirectory(prefix="cifar10_patches_") as tmp:
+        t0 = time.perf_counter()
+        test_scores = {(m, c): [] for m in methods for c in classes}
+        cache, at = None, 0
+        for out in batches(x_te, "test images through the backbone"):
+            for m in cheap:
+                inp = inputs(m, out)
+                for c in classes:
+                    test_scores[m, c].append(score(m, models[m, c], inp))
+            if "patchcore" in methods:
+                p = inputs("patchcore", out)
+                if cache is None:
+                    cache = np.lib.format.open_memmap(os.path.join(tmp, "test_patches.npy"), mode="w+",
+                                                      dtype=np.float32, shape=(len(x_te), *p.shape[1:]))
+                cache[at:at + len(p)] = p
+                at += len(p)
+        test_pass_s = time.perf_counter() - t0
+        log(f"    shared pass 2/3: {len(x_te)} test images through the backbone"
+            + (f", scored under {len(classes)} class model(s) by {', '.join(cheap)}" if cheap else "")
+            + f" ({test_pass_s:.0f}s)", flush=True)
+        share = 1.0 / (len(methods) * len(classes))
+        passes = {"methods": list(methods), "classes": list(classes), "fit_pass_s": fit_pass_s,
+                  "test_pass_s": test_pass_s}
+        # Pass 3, class by class: PatchCore's test scores, then the class's own training images (its
+        # abnormal test images) under its models; the class's rows are yielded when it is done.
+        for c in classes:
+            k = CLASSES.index(c)
+            own_s = {m: 0.0 for m in methods}
+            own = {m: [] for m in methods}
+            if "patchcore" in methods:
+                t = time.perf_counter()
+                for i in range(0, len(cache), args.feature_batch):
+                    test_scores["patchcore", c].append(score("patchcore", models["patchcore", c],
+                                                             np.asarray(cache[i:i + args.feature_batch])))
+                own_s["patchcore"] += time.perf_counter() - t
+                log(f"    patchcore: {len(x_te)} test images scored under {c}'s model "
+                    f"({time.perf_counter() - t:.0f}s)", flush=True)
+            if "spade" in methods:
+                t = time.perf_counter()
+                own["spade"].append(score("spade", models["spade", c], stats["spade"][k]))
+                own_s["spade"] += time.perf_counter() - t
+            repass = [m for m in methods if m != "spade"]  # SPADE scores the features it kept
+            if repass:
+                t = time.perf_counter()
+                for out in batches(x_tr[y_tr == k], f"scoring {c}'s training images (abnormal) under its model"):
+                    for m in repass:
+                        own[m].append(score(m, models[m, c], inputs(m, out)))
+                for m in repass:  # one backbone pass shared by these methods
+                    own_s[m] += (time.perf_counter() - t) / len(repass)
+            for m in methods:
+                s_te = np.concatenate(test_scores.pop((m, c)))
+                scores = np.concatenate([s_te[y_te != k], s_te[y_te == k], np.concatenate(own[m])])
+                n_normal = int((y_te != k).sum())
+                labels = np.r_[np.zeros(n_normal), np.ones(len(scores) - n_normal)]
+                yield {"class": c, "method": m, "seed": None, "config": cfgs[m],
+                       "auroc": float(roc_auc_score(labels, scores)), "n_test": int(len(scores)),
+                       # the shared passes split evenly over every (method, class) cell of this run,
+                       # plus what this cell's own model took
+                       "train_s": fit_pass_s * share + finish_s[m, c],
+                       "score_s": test_pass_s * share + own_s[m],
+                       "shared_pass": passes}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -581,9 +616,14 @@ def markdown(rows, sessions) -> str:
         out.append(f"- {' and '.join(p['methods'])} for {len(p['classes'])} abnormal class(es) came from one shared "
                    f"backbone pass (`run_shared_leave_one_out`: each training image through the backbone once; "
                    f"{'; '.join(how)}): fit pass {p['fit_pass_s'] / 60:.1f} min over 50,000 training images, "
-                   f"scoring pass {p['score_pass_s'] / 60:.1f} min over 10,000 test images (under every class "
-                   f"model)" + (f" and {5000 * len(p['classes']):,} abnormal training images" if repass else "")
-                   + "; the cells' train/score seconds above are those passes split evenly over the cells.")
+                   + (f"scoring pass {p['score_pass_s'] / 60:.1f} min over 10,000 test images (under every class "
+                      f"model)" + (f" and {5000 * len(p['classes']):,} abnormal training images" if repass else "")
+                      + "; the cells' train/score seconds above are those passes split evenly over the cells."
+                      if "score_pass_s" in p else  # since the rows are written class by class
+                      f"test pass {p['test_pass_s'] / 60:.1f} min over 10,000 test images; the cells' train/score "
+                      "seconds above are those passes split evenly over the cells plus the time of the cell's own "
+                      "model (its fit, its PatchCore test scoring, its share of the pass over its class's training "
+                      "images)."))
     for s in sessions:
         out.append(f"- session {s.get('started')}: `{s.get('command')}`; load average at start "
                    f"{s.get('load_avg_at_start')}; {s.get('note', '')}")
@@ -663,14 +703,13 @@ def main(argv=None):
         print(f"{', '.join(methods)} x {len(classes)} class(es): one shared backbone pass", flush=True)
         todo = {cell_key(c) for c in shared}
         try:
-            rows = run_shared_leave_one_out(data, methods, classes, args)
+            for row in run_shared_leave_one_out(data, methods, classes, args):
+                if cell_key(row) in todo:  # a cell already in the results is not written twice
+                    _append(args.out, {**row, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+                    print(f"  {row['class']:>10} {row['method']:<18} AUROC {row['auroc']:.3f}", flush=True)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        for row in rows:
-            if cell_key(row) in todo:  # a cell already in the results is not written twice
-                _append(args.out, {**row, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-                print(f"  {row['class']:>10} {row['method']:<18} AUROC {row['auroc']:.3f}", flush=True)
         cells = [c for c in cells if c["method"] not in SHARED_PASS]
     split = {}
     for i, cell in enumerate(cells, 1):

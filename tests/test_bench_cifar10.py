@@ -181,6 +181,35 @@ def test_shared_pass_gives_the_per_class_fit(tmp_path):
         assert alone["auroc"] == pytest.approx(r["auroc"], abs=1e-9), r
 
 
+def test_shared_pass_yields_each_class_when_it_is_scored(tmp_path, monkeypatch):
+    """A long PatchCore pass must not lose finished classes to a crash in a later one: a class's rows
+    come out before the next class is scored, and the test patches' temporary file goes at the end."""
+    import tempfile
+
+    _fake_zip(tmp_path / "c.zip")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    args = bench.parse_args(["--zip", str(tmp_path / "c.zip"), "--feature-batch", "8",
+                             "--set", "patchcore.weights=null", "--set", "patchcore.input_size=32",
+                             "--set", "patchcore.memory_budget_mb=0.5",
+                             "--set", "mahalanobis.weights=null", "--set", "mahalanobis.input_size=32"])
+    log = []
+    rows = bench.run_shared_leave_one_out(bench.load_cifar10(args.zip), ["mahalanobis", "patchcore"],
+                                          ["cat", "dog"], args, log=lambda *a, **k: log.append(a[0]))
+    first = [next(rows), next(rows)]
+    assert {(r["class"], r["method"]) for r in first} == {("cat", "mahalanobis"), ("cat", "patchcore")}
+    assert any("under cat's model" in line for line in log)
+    assert not any("dog's" in line for line in log)  # dog not scored yet
+    assert os.listdir(tmp_path / "tmp")  # the test patches are kept while classes remain
+    rest = list(rows)
+    assert {(r["class"], r["method"]) for r in rest} == {("dog", "mahalanobis"), ("dog", "patchcore")}
+    assert all(0.0 <= r["auroc"] <= 1.0 and r["n_test"] == 9 * 2 + 2 + 4 for r in first + rest)
+    assert all(r["score_s"] > 0 and r["shared_pass"]["test_pass_s"] > 0 for r in first + rest)
+    assert os.listdir(tmp_path / "tmp") == []
+    page = bench.markdown(first + rest, [])
+    assert "test pass" in page and "plus the time of the cell's own model" in page
+
+
 def test_shared_pass_with_two_input_sizes_is_one_error_line(tmp_path, capsys):
     _fake_zip(tmp_path / "c.zip")
     argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "mahalanobis,padim",
