@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from mvtec_keras.fileio import atomic_path  # noqa: E402
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle")
 
 
@@ -70,8 +71,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     load1 = os.getloadavg()[0]
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "bench", "results", "ae_throughput.json"), "w") as f:
+    with atomic_path(os.path.join(REPO, "bench", "results", "ae_throughput.json")) as tmp, open(tmp, "w") as f:
         json.dump({"load_before": load0, "load_after": load1, "args": vars(args), "rows": rows}, f, indent=2)
     lines = [
         "# Autoencoder throughput",
@@ -92,7 +92,7 @@ def main():
         lines.append(f"| {r['architecture']} | {r['precision']} | {r['train_img_s']:.1f} | "
                      + (f"{r['train_img_s_xla']:.1f} | " if args.xla else "")
                      + f"{r['inference_img_s']:.1f} | {r['end_to_end_img_s']:.1f} |")
-    with open(args.doc, "w") as f:
+    with atomic_path(args.doc) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.doc}")
     return 0

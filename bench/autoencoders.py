@@ -25,6 +25,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from mvtec_keras.fileio import atomic_path  # noqa: E402
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle")
 
 
@@ -228,7 +229,7 @@ def write_markdown(rows, path):
         lines += ["", f"Best pixel AUROC: **{best[0]:.3f}** ({best[1]}, {best[2]} residual map; target 0.90)."]
     lines += ["", "| config | machine at start |", "|---|---|"]
     lines += [f"| {r['config']} | {r.get('machine', '-')} |" for r in rows]
-    with open(path, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -262,7 +263,7 @@ def main():
         else:
             row["machine"] = started
             row["command"] = command
-        with open(os.path.join(results_dir, f"result_{row['config']}.json"), "w") as f:
+        with atomic_path(os.path.join(results_dir, f"result_{row['config']}.json")) as tmp, open(tmp, "w") as f:
             json.dump(row, f, indent=2)
     # The doc covers every config measured so far (one result file each), so configs can run separately.
     rows = []

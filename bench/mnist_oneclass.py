@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from mvtec_keras.data.mnist import load_mnist, one_class_split  # noqa: E402
+from mvtec_keras.fileio import atomic_path  # noqa: E402
 from mvtec_keras.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
 
 # Fixed training budgets, sized for a shared 2-core CPU (see docs/bench_mnist.md).
@@ -348,13 +349,12 @@ def main(argv=None):
         r = run_one(run, data, args.steps, args.overrides, args.members)
         results["runs"].append(r)
         session["wall_s"] = time.perf_counter() - t_start
-        with open(args.out + ".tmp", "w") as f:
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
         print(f"[{i}/{len(runs)}] protocol {r['protocol']} case {r['case']:>8} {_label(r):<12} seed {r['seed']} "
               f"AUROC {r['auroc']:.3f}  train {r['train_s']:.1f}s ({r['steps_per_s']:.1f} steps/s)  "
               f"score {r['score_s']:.1f}s  total {session['wall_s'] / 60:.1f} min", flush=True)
-    with open(args.out, "w") as f:
+    with atomic_path(args.out) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {args.out} ({len(results['runs'])} runs in all; this session "
           f"{session.get('wall_s', 0) / 60:.1f} min)\n")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from mvtec_keras.fileio import atomic_path
+
 
 def write_page(path: str, generated: str, kept_heading: str) -> None:
     """Write ``generated`` to ``path``, followed by the old page's section from ``kept_heading`` on.
@@ -23,8 +25,5 @@ def write_page(path: str, generated: str, kept_heading: str) -> None:
             old = f.read()
         if kept_heading in old:
             text += "\n" + kept_heading + old.split(kept_heading, 1)[1]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
