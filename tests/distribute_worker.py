@@ -1,6 +1,6 @@
-"""Run by tests/test_distribute.py in a fresh process (TensorFlow's logical devices are fixed at
-start-up): trains / fits the same tiny models on one device and under MirroredStrategy over two
-logical CPU devices, and writes the largest differences as JSON.
+"""Run by tests/test_distribute.py and tests/test_distribute_multiworker.py in a fresh process
+(TensorFlow's logical devices are fixed at start-up): trains / fits the same tiny models on one
+device and under MirroredStrategy over two logical CPU devices, and writes the largest differences as JSON.
 
     python distribute_worker.py OUT.json
     TF_CONFIG=... python distribute_worker.py OUT.json --multiworker   # one process per worker
