@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from mvtec_keras.cli.common import parse_scoped_options  # noqa: E402
 from mvtec_keras.data.cifar10 import CLASSES, DEFAULT_ZIP, leave_one_out, load_cifar10  # noqa: E402
 from mvtec_keras.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
 
@@ -99,16 +100,7 @@ def parse_args(argv=None):
     a.classes = _list(a.classes, "--classes", CLASSES)
     a.methods = _list(a.methods, "--methods", PRESETS)
     a.seeds = _list(a.seeds, "--seeds", cast=int)
-    a.overrides = {}
-    for item in a.set:
-        key, _, value = item.partition("=")
-        method, _, option = key.partition(".")
-        if method not in PRESETS or not option or not value:
-            raise InputError(f"--set {item!r}: expected METHOD.OPTION=VALUE with METHOD in {', '.join(PRESETS)}")
-        try:
-            a.overrides.setdefault(method, {})[option] = json.loads(value)
-        except json.JSONDecodeError:
-            a.overrides.setdefault(method, {})[option] = value
+    a.overrides = parse_scoped_options(a.set, PRESETS)
     return a
 
 

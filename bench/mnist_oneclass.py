@@ -35,9 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from mvtec_keras.cli.common import parse_scoped_options  # noqa: E402
 from mvtec_keras.data.mnist import load_mnist, one_class_split  # noqa: E402
-from mvtec_keras.fileio import atomic_path  # noqa: E402
 from mvtec_keras.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
+from mvtec_keras.fileio import atomic_path  # noqa: E402
 
 # Fixed training budgets, sized for a shared 2-core CPU (see docs/bench_mnist.md).
 # Input size as in each model's reference MNIST setup: the official GANomaly code feeds 32 x 32
@@ -97,13 +98,7 @@ def parse_args(argv=None):
         raise InputError("--steps must be positive")
     if a.members < 1:
         raise InputError("--members must be positive")
-    a.overrides = {}
-    for item in a.set:
-        key, _, value = item.partition("=")
-        model, _, option = key.partition(".")
-        if model not in PRESETS or not option or not value:
-            raise InputError(f"--set {item!r}: expected MODEL.OPTION=VALUE with MODEL in {', '.join(PRESETS)}")
-        a.overrides.setdefault(model, {})[option] = json.loads(value) if value[0] in "0123456789-[{tf" else value
+    a.overrides = parse_scoped_options(a.set, PRESETS)
     return a
 
 

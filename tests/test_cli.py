@@ -205,6 +205,24 @@ def test_extract_bad_param(category, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x")
 
 
+def test_key_value_options_are_json_where_they_parse_else_text():
+    from mvtec_keras.cli.common import parse_key_values, parse_scoped_options
+    from mvtec_keras.errors import InputError
+
+    assert parse_key_values(["k=50", "eps=1e-3", "mode=tanh", "levels=[1, 2]", "w=null", "on=true", "p=a=b"],
+                            "--param") == {"k": 50, "eps": 1e-3, "mode": "tanh", "levels": [1, 2], "w": None,
+                                           "on": True, "p": "a=b"}
+    for bad in ("k", "=3"):
+        with pytest.raises(InputError, match="--param expects KEY=VALUE"):
+            parse_key_values([bad], "--param")
+    # a text value that starts like JSON ("true"-ish, "tanh") is text, not a JSON error
+    assert parse_scoped_options(["gan.act=tanh", "gan.filters=64", "ae.x=t"], ("gan", "ae")) == {
+        "gan": {"act": "tanh", "filters": 64}, "ae": {"x": "t"}}
+    for bad in ("vae.x=1", "gan.x=", "gan=1"):
+        with pytest.raises(InputError, match="--set .*NAME.OPTION=VALUE with NAME in gan, ae"):
+            parse_scoped_options([bad], ("gan", "ae"))
+
+
 def test_anogan_trains_through_train_py_with_validation_images(category, tmp_path):
     """Regression: AnoGAN's evaluation returned no log, so train.py (which validates by default) crashed."""
     out = str(tmp_path / "anogan")

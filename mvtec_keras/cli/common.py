@@ -39,6 +39,38 @@ def check_range(value, flag: str, low=None, high=None, low_open: bool = False, h
     return value
 
 
+def option_value(text: str):
+    """A KEY=VALUE option's value: JSON where it parses (numbers, true/false, null, lists), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_key_values(items, flag: str) -> dict:
+    """``["k=50", "mode=fast"]`` -> ``{"k": 50, "mode": "fast"}``; a malformed item is one line naming ``flag``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"{flag} expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = option_value(value)
+    return out
+
+
+def parse_scoped_options(items, scopes, flag: str = "--set") -> dict:
+    """``["ganomaly.filters=64"]`` -> ``{"ganomaly": {"filters": 64}}`` for SCOPE.OPTION=VALUE items whose
+    SCOPE is one of ``scopes`` (the benches' per-method settings)."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        scope, _, option = key.partition(".")
+        if scope not in scopes or not option or not value:
+            raise InputError(f"{flag} {item!r}: expected NAME.OPTION=VALUE with NAME in {', '.join(scopes)}")
+        out.setdefault(scope, {})[option] = option_value(value)
+    return out
+
+
 def apply_smoke_caps(args, native_size=None) -> bool:
     """Honour :data:`SMOKE_ENV`: cap ``args.epochs`` and ``args.size`` (``args.crop`` scaled with it).
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from ..errors import InputError
 from ..fileio import write_json
-from .common import add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir, resolve_category, run_main
+from .common import (add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
+                     parse_key_values, resolve_category, run_main)
 
 FEATURE_METHODS = ("mahalanobis", "spade", "padim", "patchcore")
 
@@ -40,19 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_params(items) -> dict:
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise InputError(f"--param expects KEY=VALUE, got '{item}'")
-        k, v = item.split("=", 1)
-        try:
-            params[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            params[k.strip()] = v
-    return params
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from ..data import Preprocessing, make_dataset, split_validation
@@ -80,7 +67,7 @@ def main(argv=None) -> None:
     cls = detector_class(method)
     try:
         detector = cls(backbone=args.backbone, weights=weights, input_size=prep.output_size,
-                       **parse_params(args.param))
+                       **parse_key_values(args.param, "--param"))
     except TypeError as e:
         raise InputError(f"--param: {e}") from None
     cat = resolve_category(args.data, args.abnormal, args.masks, args.seed)
