@@ -17,13 +17,14 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mvtec_keras.cli.common import run_main  # noqa: E402
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-p", "--path", required=True, help="run folder written by train.py")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0, 2, 4, 8])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import numpy as np
 
     from mvtec_keras import metrics, residuals
@@ -50,4 +51,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # bad input: one line and exit code 2

@@ -23,11 +23,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from mvtec_keras.cli.common import run_main  # noqa: E402
+from mvtec_keras.errors import InputError  # noqa: E402
 from mvtec_keras.fileio import atomic_path  # noqa: E402
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--archs", nargs="+", default=["mvtecCAE"])
@@ -37,10 +39,9 @@ def main():
     p.add_argument("--steps", type=int, default=12, help="timed training steps per measurement")
     p.add_argument("--xla", action="store_true")
     p.add_argument("--doc", default=os.path.join(REPO, "docs", "bench_ae_throughput.md"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not os.path.isdir(args.data):
-        print(f"error: data folder not found: {args.data}", file=sys.stderr)
-        return 2
+        raise InputError(f"--data: folder not found: {args.data}")
 
     from bench.autoencoders import inference_throughput, train_throughput
     from mvtec_keras.data import Preprocessing, discover_mvtec, load_arrays, make_dataset
@@ -99,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # bad input: one line and exit code 2

@@ -25,6 +25,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from mvtec_keras.cli.common import run_main  # noqa: E402
+from mvtec_keras.errors import InputError  # noqa: E402
 from mvtec_keras.fileio import atomic_path  # noqa: E402
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle")
 
@@ -233,7 +235,7 @@ def write_markdown(rows, path):
         f.write("\n".join(lines) + "\n")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--configs", nargs="+", default=["mvtecCAE:ssim:grayscale:256", "baselineCAE:ssim:grayscale:256"])
@@ -248,10 +250,9 @@ def main():
                    help="skip training: finetune + test again the models this script trained before")
     p.add_argument("--xla", action="store_true", help="also measure training throughput with jit_compile=True")
     p.add_argument("--doc", default=os.path.join(REPO, "docs", "bench_autoencoders.md"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not os.path.isdir(args.data):
-        print(f"error: data folder not found: {args.data}", file=sys.stderr)
-        return 2
+        raise InputError(f"--data: folder not found: {args.data}")
     results_dir = os.path.join(REPO, "bench", "results", "autoencoders")
     os.makedirs(results_dir, exist_ok=True)
     started = machine()
@@ -277,4 +278,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # bad input: one line and exit code 2

@@ -23,6 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mvtec_keras.cli.common import run_main  # noqa: E402
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
@@ -139,7 +140,7 @@ def evaluate(method, run, n_latency):
     return rows
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=os.path.join("..", "shared", "data", "mvtec_ad", "bottle"))
     p.add_argument("--methods", default="padim,mahalanobis,patchcore,mvteccae")
@@ -152,7 +153,7 @@ def main():
                    "with AVX512-BF16/AMX); its exports compute in float32 either way")
     p.add_argument("--latency-runs", type=int, default=30)
     p.add_argument("--out", default=os.path.join("runs", "bench_export"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
@@ -182,4 +183,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))  # bad input: one line and exit code 2

@@ -19,6 +19,7 @@ import sys
 from contextlib import redirect_stderr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mvtec_keras.cli.common import run_main  # noqa: E402
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 #: name -> (script, arguments); the autoencoders grayscale at 256 (train.py's default size), GANs at theirs
@@ -53,13 +54,13 @@ def build(name, data, out, epochs):
         raise SystemExit(f"building {name} failed (exit {rc})")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=os.path.join("..", "shared", "data", "mvtec_ad", "bottle"))
     p.add_argument("--families", default=",".join(RUNS))
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--out", default=os.path.join("runs", "bench_export_sizes"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from mvtec_keras.cli.export import cli as export_cli
     from mvtec_keras.runtime.model import read_metadata
 
@@ -83,4 +84,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))  # bad input: one line and exit code 2

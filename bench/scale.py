@@ -33,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from mvtec_keras.cli.common import run_main  # noqa: E402
 
 from feature_methods import BACKBONE, METHODS as FEATURE_METHODS  # noqa: E402  (the quality bench's settings)
 from pages import write_page  # noqa: E402
@@ -198,4 +199,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))  # bad input: one line and exit code 2
