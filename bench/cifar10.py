@@ -586,7 +586,8 @@ def markdown(rows, sessions) -> str:
         for r in other:
             diff = {k: v for k, v in r["config"].items() if PRESETS[r["method"]].get(k) != v}
             redrawn = f" (discriminator re-draws: {r['d_reinits']})" if "d_reinits" in r else ""
-            out.append(f"| {r['class']} | {r['method']} (seed {r['seed']}) | `{json.dumps(diff)}`{redrawn} | "
+            seed = "" if r["seed"] is None else f" (seed {r['seed']})"
+            out.append(f"| {r['class']} | {r['method']}{seed} | `{json.dumps(diff)}`{redrawn} | "
                        f"{r['auroc']:.3f} | {_fmt(_leaky([r])).removesuffix(' (n=1)')} |")
     out += ["", "## What ran", "", "| abnormal class | method | seed | train s | score s | AUROC |",
             "|---|---|---|---|---|---|"]

@@ -42,8 +42,12 @@ def test_report_keeps_the_leaky_figure_apart():
              "train_s": 60.0, "score_s": 5.0} for s, a, b in ((0, 0.54, 0.65), (1, 0.56, 0.69))]
     rows.append({"class": "dog", "method": "ganomaly", "seed": 0, "config": {**cfg, "filters": 64}, "auroc": 0.6,
                  "auroc_reference_leaky": 0.7, "train_s": 1.0, "score_s": 1.0})
+    rows.append({"class": "dog", "method": "spade", "seed": None, "auroc": 0.8, "train_s": 1.0, "score_s": 1.0,
+                 "config": {**bench.PRESETS["spade"], "max_bank_images": 45000}})
     text = bench.markdown(rows, [])
     main, leaky = text.split("## Reproduction of the reference's evaluation (leaky; not a valid result)")
+    assert '| dog | spade | `{"max_bank_images": 45000}` | 0.800 | – |' in leaky  # no seed for an unseeded method
+    assert "0.800" not in main
     assert "**Partial:**" in main
     assert "| dog | 0.550 ± 0.010 (n=2) |" in main and "0.670" not in main  # honest table: honest figures only
     assert "| dog | ganomaly | 0.550 ± 0.010 (n=2) | 0.670 ± 0.020 (n=2) |" in leaky
