@@ -246,7 +246,8 @@ def run_shared_leave_one_out(data, methods, classes, args, log=print):
     from keras import ops
 
     from mvtec_keras.detectors import detector_class
-    from mvtec_keras.detectors.feature_common import ReservoirSlots, pooled
+    from mvtec_keras.detectors.components.feature_maps import pooled
+    from mvtec_keras.detectors.components.sampling import ReservoirSlots
     from mvtec_keras.detectors.spade import image_scores
     from mvtec_keras.features.extractor import build_feature_extractor
 

@@ -27,6 +27,15 @@ def is_tensorflow() -> bool:
     return name() == "tensorflow"
 
 
+def tensorflow_if_backend():
+    """TensorFlow when it is the Keras backend (for its fast batched kernels), else None (use numpy / ops)."""
+    if not is_tensorflow():
+        return None
+    import tensorflow as tf
+
+    return tf
+
+
 def is_tf_dataset(obj) -> bool:
     """Whether ``obj`` is a ``tf.data.Dataset`` (False, without importing TF, when TF was never loaded)."""
     tf = sys.modules.get("tensorflow")

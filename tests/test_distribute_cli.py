@@ -45,7 +45,7 @@ def test_extract_cli_on_two_workers_equals_one_device(tmp_path):
     """extract.py started on both workers: the chief writes the fitted PaDiM, the other worker nothing,
     and its statistics are those of a one-device fit with the same backbone weights."""
     from mvtec_keras.detectors import load_detector
-    from mvtec_keras.detectors.feature_common import EXTRACTOR_WEIGHTS
+    from mvtec_keras.detectors.components.backbone import EXTRACTOR_WEIGHTS
 
     data = make_mvtec(str(tmp_path / "cat"), n_train=8, n_good=1, n_defect=1)
     args = ["-m", "mvtec_keras.cli.extract", "-d", data, "-m", "padim", "-b", "efficientnet-b0", "--size", "64",

@@ -395,7 +395,7 @@ def test_pooled_features_survive_litert_mean_over_a_large_map(tmp_path):
     import keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from mvtec_keras.detectors.feature_common import pooled
+    from mvtec_keras.detectors.components.feature_maps import pooled
 
     rng = np.random.default_rng(0)
     x = (3.0 + rng.random((1, 112, 112, 16))).astype(np.float32)  # ReLU6-like, large mean: the hard case

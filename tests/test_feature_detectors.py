@@ -9,8 +9,8 @@ from keras import layers
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
-from mvtec_keras.detectors import feature_common as fc
 from mvtec_keras.detectors import load_detector
+from mvtec_keras.detectors.components import coreset, feature_maps, gaussian, nearest, sampling
 from mvtec_keras.detectors.mahalanobis import MahalanobisDetector
 from mvtec_keras.detectors.padim import PadimDetector
 from mvtec_keras.detectors.patchcore import PatchcoreDetector
@@ -106,7 +106,7 @@ def test_separates_anomalies_and_roundtrips(cls, data, tmp_path):
 def test_streaming_equals_one_batch(cls, data, monkeypatch):
     train = data[0]
     one = make(cls).fit(train, batch_size=len(train))
-    monkeypatch.setattr(fc, "STATS_CHUNK", 1)  # fold every batch into the running sums
+    monkeypatch.setattr(gaussian, "STATS_CHUNK", 1)  # fold every batch into the running sums
     many = make(cls).fit(train, batch_size=5)  # uneven last batch on purpose
     learned = [k for k in vars(one) if k.endswith("_") and not k.startswith("_")]
     assert learned
@@ -141,11 +141,11 @@ def test_mahalanobis_levels_and_npca(data):
     npca = make(MahalanobisDetector, levels=(9,), npca_variance=0.9).fit(train)
     k = int(npca.n_components_[0])
     assert 0 < k < 8
-    feats = np.asarray(fc.pooled(npca.extractor(train)["level9"]), np.float64)
-    cov, _ = fc.ledoit_wolf(_stats(feats, fourth=True))
+    feats = np.asarray(feature_maps.pooled(npca.extractor(train)["level9"]), np.float64)
+    cov, _ = gaussian.ledoit_wolf(_stats(feats, fourth=True))
     vals, vecs = np.linalg.eigh(cov)
     low = vecs[:, :k]
-    q = np.asarray(fc.pooled(npca.extractor(test)["level9"]), np.float64)
+    q = np.asarray(feature_maps.pooled(npca.extractor(test)["level9"]), np.float64)
     expect = np.sqrt(np.sum(((q - feats.mean(0)) @ low) ** 2 / vals[:k], axis=1))
     np.testing.assert_allclose(np.asarray(npca.score_levels(test))[:, 0], expect, rtol=1e-3)
 
@@ -153,8 +153,8 @@ def test_mahalanobis_levels_and_npca(data):
 def test_mahalanobis_distance_by_hand(data):
     train, test = data[0], data[1]
     det = make(MahalanobisDetector, levels=(9,)).fit(train)
-    f = np.asarray(fc.pooled(det.extractor(train)["level9"]), np.float64)
-    q = np.asarray(fc.pooled(det.extractor(test)["level9"]), np.float64)
+    f = np.asarray(feature_maps.pooled(det.extractor(train)["level9"]), np.float64)
+    q = np.asarray(feature_maps.pooled(det.extractor(test)["level9"]), np.float64)
     lw = LedoitWolf().fit(f)
     expect = np.sqrt(np.einsum("ij,jk,ik->i", q - lw.location_, lw.precision_, q - lw.location_))
     np.testing.assert_allclose(np.asarray(det.score_batch(test)[0]), expect, rtol=1e-3)
@@ -165,7 +165,7 @@ def test_spade_matches_brute_force(data):
     det = make(SpadeDetector, k=3, map_levels=(3,), sigma=0).fit(train)
     scores, maps = det.score_batch(test)
     feats = det.extractor(train)
-    g_tr, g_te = np.asarray(fc.pooled(feats["level9"])), np.asarray(fc.pooled(det.extractor(test)["level9"]))
+    g_tr, g_te = np.asarray(feature_maps.pooled(feats["level9"])), np.asarray(feature_maps.pooled(det.extractor(test)["level9"]))
     d = np.linalg.norm(g_te[:, None] - g_tr[None], axis=-1)
     nn = np.argsort(d, axis=1)[:, :3]
     np.testing.assert_allclose(np.asarray(scores), np.take_along_axis(d, nn, 1).mean(1), rtol=1e-3)
@@ -187,13 +187,13 @@ def test_spade_bank_is_bounded(data):
     assert det.map_banks_[0].shape[0] == 10
     # the bank is the reservoir sample that replaying the slots on indices gives (bench/cifar10.py relies on it)
     kept = []
-    for i, slot in enumerate(fc.ReservoirSlots(10, seed=5).next(24)):  # one call: batching does not matter
+    for i, slot in enumerate(sampling.ReservoirSlots(10, seed=5).next(24)):  # one call: batching does not matter
         if slot == len(kept):
             kept.append(i)
         elif slot >= 0:
             kept[slot] = i
     assert len(set(kept)) == 10 and max(kept) >= 10  # a sample, not just the first ten
-    expect = np.asarray(fc.pooled(det.extractor(data[0][np.asarray(kept)])["level9"]))
+    expect = np.asarray(feature_maps.pooled(det.extractor(data[0][np.asarray(kept)])["level9"]))
     np.testing.assert_allclose(det.image_bank_, expect, rtol=1e-4, atol=1e-5)
 
 
@@ -221,8 +221,10 @@ def test_padim_matches_numpy_reference(data):
 def test_padim_has_no_python_loop_over_positions(data, monkeypatch):
     train = data[0]
     calls = []
-    real_inv = fc.batched_inverse
-    monkeypatch.setattr(fc, "batched_inverse", lambda a: calls.append(np.shape(a)) or real_inv(a))
+    from mvtec_keras.detectors import padim
+
+    real_inv = padim.batched_inverse
+    monkeypatch.setattr(padim, "batched_inverse", lambda a: calls.append(np.shape(a)) or real_inv(a))
     make(PadimDetector).fit(train)
     assert calls == [(8 * 8, 10, 10)]  # one batched inverse over all positions
 
@@ -292,7 +294,7 @@ def test_bad_input_raises_input_error(data):
 
 # --------------------------------------------------------------------------- shared pieces
 def _stats(x, batch=None, fourth=False):
-    st = fc.GaussianStats(fourth=fourth, chunk=1)  # every batch folded on arrival
+    st = gaussian.GaussianStats(fourth=fourth, chunk=1)  # every batch folded on arrival
     for i in range(0, len(x), batch or len(x)):
         st.update(x[i : i + (batch or len(x))])
     return st
@@ -302,7 +304,7 @@ def _stats(x, batch=None, fourth=False):
 def test_ledoit_wolf_matches_sklearn(n, p):
     rng = np.random.default_rng(n + p)
     x = rng.normal(size=(n, p)) @ rng.normal(size=(p, p)) + 3.0  # correlated and off-centre
-    cov, shrink = fc.ledoit_wolf(_stats(x, batch=7, fourth=True))
+    cov, shrink = gaussian.ledoit_wolf(_stats(x, batch=7, fourth=True))
     ref = LedoitWolf().fit(x)
     assert shrink == pytest.approx(ref.shrinkage_, rel=1e-9, abs=1e-12)
     np.testing.assert_allclose(cov, ref.covariance_, rtol=1e-9, atol=1e-12)
@@ -313,7 +315,7 @@ def test_gaussian_stats_streaming_per_position():
     x = rng.normal(size=(23, 6, 4)) * [1, 10, 100, 0.1] + 50.0
     one, many = _stats(x), _stats(x, batch=4)
     ref_cov = np.stack([np.cov(x[:, p], rowvar=False) for p in range(6)])
-    fast = fc.GaussianStats(chunk=5, product_dtype="float32")
+    fast = gaussian.GaussianStats(chunk=5, product_dtype="float32")
     for i in range(0, 23, 4):
         fast.update(x[i : i + 4])
     np.testing.assert_allclose(fast.covariance(), ref_cov, rtol=1e-4, atol=1e-6 * np.abs(ref_cov).max())
@@ -327,7 +329,7 @@ def test_batched_inverse():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(7, 5, 9))
     spd = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(5)
-    np.testing.assert_allclose(fc.batched_inverse(spd), np.linalg.inv(spd), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(gaussian.batched_inverse(spd), np.linalg.inv(spd), rtol=1e-9, atol=1e-9)
 
 
 def test_knn_matches_brute_force():
@@ -335,7 +337,7 @@ def test_knn_matches_brute_force():
     q, bank = rng.normal(size=(13, 6)).astype(np.float32), rng.normal(size=(101, 6)).astype(np.float32)
     full = np.linalg.norm(q[:, None] - bank[None], axis=-1)
     for k in (1, 4):
-        d, i = fc.knn(q, bank, k, max_elements=13 * 10)  # forces 11 chunks
+        d, i = nearest.knn(q, bank, k, max_elements=13 * 10)  # forces 11 chunks
         np.testing.assert_array_equal(np.asarray(i), np.argsort(full, 1)[:, :k])
         np.testing.assert_allclose(np.asarray(d), np.sort(full, 1)[:, :k], rtol=1e-4, atol=1e-5)
 
@@ -345,10 +347,10 @@ def test_gaussian_blur_matches_scipy():
 
     rng = np.random.default_rng(0)
     maps = rng.random((2, 40, 36)).astype(np.float32)
-    ours = np.asarray(fc.gaussian_blur(maps, 4.0))
+    ours = np.asarray(feature_maps.gaussian_blur(maps, 4.0))
     ref = np.stack([gaussian_filter(m, 4.0, mode="reflect", truncate=4.0) for m in maps])
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
-    up = np.asarray(fc.upsample_blur(maps[:, :10, :9], (40, 36), 0))
+    up = np.asarray(feature_maps.upsample_blur(maps[:, :10, :9], (40, 36), 0))
     assert up.shape == (2, 40, 36)
 
 
@@ -365,7 +367,7 @@ def test_coreset_hand_made_sequence():
     # points on a line, from 0: farthest is 10, then 5 (5 away), then 2.4 (2.4 away; 8 is only 2 away), then 8
     x = np.array([[0.0], [10.0], [5.0], [2.4], [8.0], [9.0], [1.0]], np.float32)
     for active in (7, 2, 1):
-        assert list(fc.greedy_coreset(x, 5, proj_dim=None, start=0, active_size=active)) == [0, 1, 2, 3, 4]
+        assert list(coreset.greedy_coreset(x, 5, proj_dim=None, start=0, active_size=active)) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("active", [16, 64, 10_000])
@@ -373,9 +375,9 @@ def test_coreset_equals_naive_farthest_point(active):
     rng = np.random.default_rng(3)
     # clustered cloud: the active-set rounds must not change the sequence
     x = (rng.normal(size=(6, 1, 5)) * 4 + rng.normal(size=(6, 80, 5))).reshape(-1, 5)
-    got = fc.greedy_coreset(x, 60, proj_dim=None, start=11, active_size=active)
+    got = coreset.greedy_coreset(x, 60, proj_dim=None, start=11, active_size=active)
     assert list(got) == _naive_farthest(x.astype(np.float64), 60, 11)
-    proj = fc.greedy_coreset(rng.normal(size=(300, 40)), 30, proj_dim=8, seed=1)
+    proj = coreset.greedy_coreset(rng.normal(size=(300, 40)), 30, proj_dim=8, seed=1)
     assert len(set(proj.tolist())) == 30
 
 
@@ -386,7 +388,7 @@ def test_padim_small_folds_and_inverse_blocks_equal_one_shot(data, monkeypatch):
 
     train = data[0]
     one = make(PadimDetector).fit(train, batch_size=len(train))
-    monkeypatch.setattr(fc, "STATS_CHUNK_BYTES", 1)  # every batch folds, one position per block
+    monkeypatch.setattr(gaussian, "STATS_CHUNK_BYTES", 1)  # every batch folds, one position per block
     monkeypatch.setattr(padim, "INVERSE_BLOCK", 5)  # 64 positions in 13 uneven blocks
     small = make(PadimDetector).fit(train, batch_size=5)
     np.testing.assert_allclose(small.mean_, one.mean_, rtol=1e-4, atol=1e-6)
@@ -407,7 +409,7 @@ def test_gaussian_stats_merge_is_exact(fourth):
     np.testing.assert_allclose(merged.covariance(), whole.covariance(), rtol=1e-9, atol=1e-12)
     if fourth:
         np.testing.assert_allclose(merged.sum_fourth(), whole.sum_fourth(), rtol=1e-9)
-    empty = fc.GaussianStats(fourth=fourth).merge(_stats(x, fourth=fourth))
+    empty = gaussian.GaussianStats(fourth=fourth).merge(_stats(x, fourth=fourth))
     np.testing.assert_allclose(empty.covariance(), whole.covariance(), rtol=1e-12)
 
 
@@ -497,9 +499,9 @@ def test_min_distances_blocks_match_brute_force():
     rng = np.random.default_rng(0)
     q, g = rng.normal(size=(37, 5)).astype(np.float32), rng.normal(size=(101, 5)).astype(np.float32)
     expect = _pairwise(q, g).min(1)
-    aug = fc.augment_bank(g)
+    aug = nearest.augment_bank(g)
     for max_elements in (37, 37 * 10, 1 << 21):  # one gallery row per block, ragged blocks, one block
-        got = np.asarray(fc.min_distances(q, aug, max_elements=max_elements))
+        got = np.asarray(nearest.min_distances(q, aug, max_elements=max_elements))
         np.testing.assert_allclose(got, expect, rtol=1e-5)
 
 
@@ -511,7 +513,7 @@ def test_spade_blocked_search_matches_brute_force(data, monkeypatch):
     reference takes float64 differences, so the last float32 digits differ: rtol 1e-4, plus
     atol 1e-5 because the expansion's error in a distance d grows like eps |q|^2 / d (2e-6 at
     the smallest distances here, 0.01). Against the old search, same expansion: rtol 1e-5."""
-    monkeypatch.setattr(fc, "MIN_BLOCK_ELEMENTS", 1000)  # many blocks, the last one ragged
+    monkeypatch.setattr(nearest, "MIN_BLOCK_ELEMENTS", 1000)  # many blocks, the last one ragged
     train, test = data[0], data[1][:5]
     k, levels = 4, (1, 3, 4)
     det = make(SpadeDetector, k=k, map_levels=levels, sigma=0).fit(train, batch_size=8)
@@ -533,7 +535,7 @@ def test_spade_blocked_search_matches_brute_force(data, monkeypatch):
     for lv, bank in zip(levels, det.map_banks_):
         q = np.asarray(f_te[f"level{lv}"])
         b, h, w, c = q.shape
-        per = [np.asarray(fc.knn(q[i].reshape(-1, c), bank[nn[i]].reshape(-1, c), 1)[0])[:, 0] for i in range(b)]
+        per = [np.asarray(nearest.knn(q[i].reshape(-1, c), bank[nn[i]].reshape(-1, c), 1)[0])[:, 0] for i in range(b)]
         old.append(tf.image.resize(np.stack(per).reshape(b, h, w, 1), (SIZE, SIZE), "bilinear")[..., 0].numpy())
     np.testing.assert_allclose(np.asarray(maps), np.mean(old, axis=0), rtol=1e-5)
 
@@ -577,7 +579,7 @@ def test_padim_precisions_written_over_the_sums_equal_a_separate_array(n_pos, d,
     monkeypatch.setattr(padim, "INVERSE_BLOCK", 3)  # several blocks: each written behind the reading position
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, n_pos, d)) + rng.normal(size=(1, n_pos, d))
-    kept, spent = fc.GaussianStats(), fc.GaussianStats()
+    kept, spent = gaussian.GaussianStats(), gaussian.GaussianStats()
     kept.update(x)
     spent.update(x)
     expect = padim.precisions(kept, 0.01)

@@ -19,7 +19,9 @@ from keras import ops
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import BackboneMixin, GaussianStats, iter_images, ledoit_wolf, pooled
+from .components.backbone import BackboneMixin, iter_images
+from .components.feature_maps import pooled
+from .components.gaussian import GaussianStats, ledoit_wolf
 
 STATE_FILE = "mahalanobis_state.npz"
 

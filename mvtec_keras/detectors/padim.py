@@ -17,8 +17,9 @@ from keras import ops
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from . import feature_common
-from .feature_common import BackboneMixin, GaussianStats, iter_images, resize, to_rgb, upsample_blur
+from .components.backbone import BackboneMixin, iter_images, to_rgb
+from .components.feature_maps import resize, upsample_blur
+from .components.gaussian import GaussianStats, batched_inverse
 
 STATE_FILE = "padim_state.npz"
 #: positions whose covariances are inverted per batched call (bounds the float64 temporaries:
@@ -44,7 +45,7 @@ def precisions(stats: GaussianStats, eps: float, consume: bool = False) -> np.nd
         cov = stats.covariance(ddof=1, positions=block)  # a new array: the block is read before it is written
         diag = np.einsum("...ii->...i", cov)  # writable view of the diagonals
         diag += eps
-        out[block] = feature_common.batched_inverse(cov)
+        out[block] = batched_inverse(cov)
     if base is None:
         return out
     stats.invalidate()

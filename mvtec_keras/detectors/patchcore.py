@@ -33,9 +33,11 @@ from keras import ops
 from .. import backends
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import (
-    BackboneMixin, ReservoirSlots, argmax, greedy_coreset, iter_images, knn, resize, to_rgb, upsample_blur,
-)
+from .components.backbone import BackboneMixin, iter_images, to_rgb
+from .components.coreset import greedy_coreset
+from .components.feature_maps import resize, upsample_blur
+from .components.nearest import argmax, knn
+from .components.sampling import ReservoirSlots
 
 STATE_FILE = "patchcore_state.npz"
 

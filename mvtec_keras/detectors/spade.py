@@ -19,9 +19,10 @@ from .. import backends
 
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
-from .feature_common import (
-    BackboneMixin, ReservoirSlots, augment_bank, gaussian_blur, iter_images, knn, min_distances, pooled, resize,
-)
+from .components.backbone import BackboneMixin, iter_images
+from .components.feature_maps import gaussian_blur, pooled, resize
+from .components.nearest import augment_bank, knn, min_distances
+from .components.sampling import ReservoirSlots
 
 STATE_FILE = "spade_state.npz"
 
