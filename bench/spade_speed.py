@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     print(f"  in-memory scores equal the end-to-end ones: {same}", flush=True)
 
     if args.verify:
-        from mvtec_keras.detectors.components.feature_maps import gaussian_blur, resize
+        from mvtec_keras.detectors.components.feature_maps import resize
+        from mvtec_keras.residuals import gaussian_blur
 
         k = min(args.verify, n)
         levels = [[brute_force_map(det, x[i], j) for j in range(len(det.map_levels))] for i in range(k)]

@@ -125,12 +125,14 @@ def gaussian_blur(maps, sigma: float = 4.0):
     """Gaussian smoothing of anomaly maps ``[B, H, W]``.
 
     Separable, truncated at 4 sigma, reflect extension: matches
-    ``scipy.ndimage.gaussian_filter(m, sigma, mode='reflect', truncate=4.0)`` per map.
+    ``scipy.ndimage.gaussian_filter(m, sigma, mode='reflect', truncate=4.0)`` per map, for any map
+    size. Every detector's maps are blurred here (the feature detectors' too). ``sigma`` 0 or None:
+    no blur.
     """
     maps = _float32(maps)
     if len(maps.shape) != 3:
         raise InputError(f"gaussian_blur expects maps [B, H, W], got shape {tuple(maps.shape)}")
-    if sigma == 0:
+    if not sigma:
         return maps
     r = int(4.0 * sigma + 0.5)  # same radius rule as scipy.ndimage
     return _filter_stack(maps, _taps(2 * r + 1, sigma))

@@ -342,16 +342,18 @@ def test_knn_matches_brute_force():
         np.testing.assert_allclose(np.asarray(d), np.sort(full, 1)[:, :k], rtol=1e-4, atol=1e-5)
 
 
-def test_gaussian_blur_matches_scipy():
+def test_upsample_blur_is_bilinear_upsampling_then_the_residual_blur():
+    """The feature detectors blur with residuals.gaussian_blur (scipy's reflect, tested in test_residuals)."""
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(0)
-    maps = rng.random((2, 40, 36)).astype(np.float32)
-    ours = np.asarray(feature_maps.gaussian_blur(maps, 4.0))
-    ref = np.stack([gaussian_filter(m, 4.0, mode="reflect", truncate=4.0) for m in maps])
-    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
-    up = np.asarray(feature_maps.upsample_blur(maps[:, :10, :9], (40, 36), 0))
+    maps = rng.random((2, 10, 9)).astype(np.float32)
+    up = np.asarray(feature_maps.upsample_blur(maps, (40, 36), 0))
     assert up.shape == (2, 40, 36)
+    np.testing.assert_allclose(up, tf.image.resize(maps[..., None], (40, 36), "bilinear").numpy()[..., 0], atol=1e-6)
+    ours = np.asarray(feature_maps.upsample_blur(maps, (40, 36), 4.0))
+    ref = np.stack([gaussian_filter(m.astype(np.float64), 4.0, mode="reflect", truncate=4.0) for m in up])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
 def _naive_farthest(x, n, start):

@@ -20,7 +20,8 @@ from .. import backends
 from ..errors import InputError
 from .base import Detector, load_arrays, register_detector, save_arrays
 from .components.backbone import BackboneMixin, iter_images
-from .components.feature_maps import gaussian_blur, pooled, resize
+from ..residuals import gaussian_blur
+from .components.feature_maps import pooled, resize
 from .components.nearest import augment_bank, knn, min_distances
 from .components.sampling import ReservoirSlots
 

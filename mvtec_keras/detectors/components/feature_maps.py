@@ -1,9 +1,11 @@
-"""Operations on feature and anomaly maps: global pooling, resizing, Gaussian blur (scipy's reflect)."""
+"""Operations on feature and anomaly maps: global pooling, resizing, upsampling then blurring
+(the blur itself is :func:`mvtec_keras.residuals.gaussian_blur`, every detector's)."""
 
 from __future__ import annotations
 
-import numpy as np
 from keras import ops
+
+from ...residuals import gaussian_blur
 
 
 def pooled(feature):
@@ -24,32 +26,7 @@ def resize(x, size, method="bilinear"):
     return ops.image.resize(x, size, interpolation=method, antialias=False)
 
 
-def gaussian_kernel1d(sigma: float) -> np.ndarray:
-    radius = int(4.0 * sigma + 0.5)  # same truncation as scipy.ndimage
-    t = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).astype(np.float32)
-
-
-def gaussian_blur(maps, sigma: float):
-    """Separable Gaussian blur of [B, H, W] maps, reflect padding (scipy's 'reflect')."""
-    if not sigma or sigma <= 0:
-        return maps
-    k = gaussian_kernel1d(sigma)
-    r = len(k) // 2
-    x = ops.convert_to_tensor(maps, dtype="float32")[..., None]
-    h, w = x.shape[1], x.shape[2]
-    if r >= min(h, w):  # reflect padding needs r < size; small maps take a shorter kernel
-        k = gaussian_kernel1d(min(sigma, (min(h, w) - 1) / 4.0)) if min(h, w) > 1 else np.ones(1, np.float32)
-        r = len(k) // 2
-    # 'symmetric' mirrors the edge pixel too, which is scipy.ndimage's 'reflect'.
-    x = ops.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="symmetric")
-    x = ops.conv(x, ops.convert_to_tensor(k.reshape(-1, 1, 1, 1)), padding="valid")
-    x = ops.conv(x, ops.convert_to_tensor(k.reshape(1, -1, 1, 1)), padding="valid")
-    return x[..., 0]
-
-
 def upsample_blur(maps, size, sigma: float):
-    """[B, h, w] -> [B, H, W]: bilinear upsampling then Gaussian blur."""
+    """[B, h, w] -> [B, H, W]: bilinear upsampling then :func:`mvtec_keras.residuals.gaussian_blur`."""
     x = resize(ops.convert_to_tensor(maps, dtype="float32")[..., None], size, "bilinear")[..., 0]
     return gaussian_blur(x, sigma)
