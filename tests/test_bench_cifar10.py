@@ -214,6 +214,24 @@ def test_shared_pass_yields_each_class_when_it_is_scored(tmp_path, monkeypatch):
     assert "test pass" in page and "plus the time of the cell's own model" in page
 
 
+def test_spade_banks_score_as_spade_does_for_every_class_model():
+    """One distance matrix against the union of the banks gives each class model's SPADE image scores."""
+    from mvtec_keras.detectors.spade import image_scores
+
+    rng = np.random.default_rng(0)
+    feats = rng.random((60, 16)).astype(np.float32)
+    banks = {"full": np.arange(60)[np.arange(60) % 6 != 0], "part": rng.choice(60, 9, replace=False),
+             "tiny": np.array([5, 7])}  # a bank smaller than k: k is clipped, as in image_scores
+    queries = rng.random((11, 16)).astype(np.float32)
+    scorer = bench._SpadeBanks(feats, banks, k=4)
+    got = scorer(queries)
+    assert set(got) == set(banks)
+    for c, bank in banks.items():
+        want = np.asarray(image_scores(queries, feats[bank], 4)[0])
+        np.testing.assert_allclose(got[c], want, rtol=1e-5)
+        np.testing.assert_allclose(scorer(queries, only=c)[c], want, rtol=1e-5)
+
+
 def test_shared_pass_with_two_input_sizes_is_one_error_line(tmp_path, capsys):
     _fake_zip(tmp_path / "c.zip")
     argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "mahalanobis,padim",
