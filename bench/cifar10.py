@@ -646,8 +646,11 @@ def markdown(rows, sessions) -> str:
             ["patchcore: each model's patch sample fed the nine other classes' patches as a fit would, then its "
              "coreset"] if "patchcore" in p["methods"] else [])
         repass = [m for m in p["methods"] if m != "spade"]
-        out.append(f"- {' and '.join(p['methods'])} for {len(p['classes'])} abnormal class(es) came from one shared "
-                   f"backbone pass (`run_shared_leave_one_out`: each training image through the backbone once; "
+        changed = {json.dumps({k: v for k, v in r["config"].items() if PRESETS[r["method"]].get(k) != v})
+                   for r in rows if r.get("shared_pass") == p} - {"{}"}
+        settings = f" (settings changed: {', '.join(f'`{c}`' for c in sorted(changed))})" if changed else ""
+        out.append(f"- {' and '.join(p['methods'])}{settings} for {len(p['classes'])} abnormal class(es) came from one "
+                   f"shared backbone pass (`run_shared_leave_one_out`: each training image through the backbone once; "
                    f"{'; '.join(how)}): fit pass {p['fit_pass_s'] / 60:.1f} min over 50,000 training images, "
                    + (f"scoring pass {p['score_pass_s'] / 60:.1f} min over 10,000 test images (under every class "
                       f"model)" + (f" and {5000 * len(p['classes']):,} abnormal training images" if repass else "")

@@ -209,6 +209,9 @@ def test_shared_pass_yields_each_class_when_it_is_scored(tmp_path, monkeypatch):
     assert {(r["class"], r["method"]) for r in rest} == {("dog", "mahalanobis"), ("dog", "patchcore")}
     assert all(0.0 <= r["auroc"] <= 1.0 and r["n_test"] == 9 * 2 + 2 + 4 for r in first + rest)
     assert all(r["score_s"] > 0 and r["shared_pass"]["test_pass_s"] > 0 for r in first + rest)
+    changed = [{**r, "config": {**r["config"], "k": 7}} for r in first + rest]
+    line = next(x for x in bench.markdown(changed, []).splitlines() if "came from one shared backbone pass" in x)
+    assert "(settings changed: `{" in line and '"k": 7' in line  # a pass with changed settings says so
     assert os.listdir(tmp_path / "tmp") == []
     page = bench.markdown(first + rest, [])
     assert "test pass" in page and "plus the time of the cell's own model" in page
