@@ -235,6 +235,25 @@ def test_spade_banks_score_as_spade_does_for_every_class_model():
         np.testing.assert_allclose(scorer(queries, only=c)[c], want, rtol=1e-5)
 
 
+def test_a_killed_bench_removes_its_temporary_files(tmp_path):
+    import signal
+    import subprocess
+
+    code = ("import sys, tempfile, time; sys.path.insert(0, 'bench'); import cifar10; cifar10.exit_on_sigterm()\n"
+            "with tempfile.TemporaryDirectory(dir=sys.argv[1]) as d:\n"
+            "    open(d + '/test_patches.npy', 'w').close(); print(d, flush=True); time.sleep(120)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        folder = p.stdout.readline().strip()
+        assert os.path.isdir(folder)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+    assert not os.path.exists(folder)
+
+
 def test_shared_pass_with_two_input_sizes_is_one_error_line(tmp_path, capsys):
     _fake_zip(tmp_path / "c.zip")
     argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "mahalanobis,padim",
