@@ -48,7 +48,7 @@ def test_largest_region_areas_in_chunks(monkeypatch):
     maps = _smooth_maps(1, n=2)
     thr = np.quantile(maps, np.linspace(0.05, 0.95, 17))
     full = T.largest_region_areas(maps, thr)
-    monkeypatch.setattr(T, "_MAX_VOXELS", 3 * 24 * 24)
+    monkeypatch.setattr(T.regions, "_MAX_VOXELS", 3 * 24 * 24)  # the module that labels
     np.testing.assert_array_equal(T.largest_region_areas(maps, thr), full)
 
 
