@@ -152,6 +152,29 @@ def test_a_reinit_cell_records_how_often_the_discriminator_was_drawn_again(tmp_p
     assert row.endswith(" | – |")  # run without the reference mode: a dash, not a made-up figure
 
 
+def test_the_ensemble_trains_again_a_member_whose_model_is_not_here(tmp_path):
+    # the models folder is not in git: a fresh checkout has the GANomaly rows but not their models
+    _fake_zip(tmp_path / "c.zip")
+    common = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--seeds", "0,1", "--no-reproduction",
+              "--set", "ganomaly.epochs=1", "--set", "ganomaly.batch_size=16", "--set", "ganomaly_ensemble.members=2",
+              "--out", str(tmp_path / "r.jsonl"), "--models-dir", str(tmp_path / "m")]
+    assert bench.main(common + ["--methods", "ganomaly"]) == 0
+    (seed0,) = [d for d in os.listdir(tmp_path / "m" / "dog") if d.endswith("-s0")]
+    import shutil
+
+    shutil.rmtree(tmp_path / "m" / "dog" / seed0)
+    assert bench.main(common + ["--methods", "ganomaly,ganomaly_ensemble"]) == 0
+    rows = [r for r in map(json.loads, open(tmp_path / "r.jsonl")) if "auroc" in r]
+    assert [r["method"] for r in rows] == ["ganomaly", "ganomaly", "ganomaly_ensemble"]  # no GANomaly row twice
+    ens = rows[-1]
+    assert ens["member_seeds"] == [0, 1] and list(ens["members_retrained"]) == ["0"]
+    assert 0.0 <= ens["members_retrained"]["0"]["auroc"] <= 1.0 and 0.0 <= ens["auroc"] <= 1.0
+    assert os.path.isdir(tmp_path / "m" / "dog" / seed0)  # saved again, for the next ensemble
+    report = tmp_path / "b.md"
+    assert bench.main(common + ["--report", "--report-path", str(report)]) == 0
+    assert f"seed 0 AUROC {ens['members_retrained']['0']['auroc']:.3f} in" in report.read_text()
+
+
 def test_shared_pass_gives_the_per_class_fit(tmp_path):
     """Mahalanobis, PaDiM, SPADE and PatchCore for the abnormal classes from one backbone pass equal
     fitting each class's leave-one-out detector from its images, cell by cell. SPADE's bank and
