@@ -512,13 +512,19 @@ def _leaky(rows):
     return [r["auroc_reference_leaky"] for r in rows if "auroc_reference_leaky" in r]
 
 
+def _changed(r) -> dict:
+    """The settings of a row that differ from its method's preset."""
+    preset = PRESETS[r["method"]]
+    return {k: v for k, v in r["config"].items() if preset.get(k) != v}
+
+
 def ablation_status(rows) -> list:
     """Lines: each GANomaly option run on dog against the default on the same seeds, and what is decided."""
     runs = [r for r in rows if "auroc" in r and r["class"] == "dog" and r["method"] == "ganomaly"]
     base = {r["seed"]: r for r in runs if r["config"] == PRESETS["ganomaly"]}
     options = {}
     for r in runs:
-        diff = {k: v for k, v in r["config"].items() if PRESETS["ganomaly"].get(k) != v}
+        diff = _changed(r)
         if diff:
             options.setdefault(json.dumps(diff, sort_keys=True), []).append(r)
     if not options:
@@ -647,7 +653,7 @@ def markdown(rows, sessions) -> str:
         out += ["", "## Other settings (ablations)", "", "| abnormal class | method | changed | honest AUROC | "
                 "reference mode |", "|---|---|---|---|---|"]
         for r in other:
-            diff = {k: v for k, v in r["config"].items() if PRESETS[r["method"]].get(k) != v}
+            diff = _changed(r)
             redrawn = f" (discriminator re-draws: {r['d_reinits']})" if "d_reinits" in r else ""
             seed = "" if r["seed"] is None else f" (seed {r['seed']})"
             out.append(f"| {r['class']} | {r['method']}{seed} | `{json.dumps(diff)}`{redrawn} | "
@@ -675,8 +681,7 @@ def markdown(rows, sessions) -> str:
             ["patchcore: each model's patch sample fed the nine other classes' patches as a fit would, then its "
              "coreset"] if "patchcore" in p["methods"] else [])
         repass = [m for m in p["methods"] if m != "spade"]
-        changed = {json.dumps({k: v for k, v in r["config"].items() if PRESETS[r["method"]].get(k) != v})
-                   for r in rows if r.get("shared_pass") == p} - {"{}"}
+        changed = {json.dumps(_changed(r)) for r in rows if r.get("shared_pass") == p} - {"{}"}
         settings = f" (settings changed: {', '.join(f'`{c}`' for c in sorted(changed))})" if changed else ""
         out.append(f"- {' and '.join(p['methods'])}{settings} for {len(p['classes'])} abnormal class(es) came from one "
                    f"shared backbone pass (`run_shared_leave_one_out`: each training image through the backbone once; "
