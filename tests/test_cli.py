@@ -274,3 +274,13 @@ def test_members_flag_is_checked(category, tmp_path, capsys, args):
 def test_gan_rejects_unsupported_size(category, tmp_path, capsys):
     assert train.cli(["-d", category, "-a", "ganomaly", "--size", "48", "--out", str(tmp_path / "g")]) == 2
     assert "--size" in _one_line_error(capsys)
+
+
+def test_a_fit_prints_its_data_job_devices_and_strategy(category, tmp_path, capsys):
+    out = str(tmp_path / "maha")
+    assert extract.cli(["-d", category, "-m", "mahalanobis", "-b", "efficientnet-b0", "-w", "none", "--size", "64",
+                        "--param", "levels=[7,8,9]", "--out", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    job = next(i for i, line in enumerate(lines) if line.startswith("fitting mahalanobis on "))
+    assert lines[job + 2] == "strategy: none, 1 replica"  # after the devices line
+    assert job >= 1 and "widget" in "\n".join(lines[:job])  # the category's summary comes first

@@ -196,6 +196,17 @@ def resolve_category(data: Optional[str], abnormal=None, masks=None, seed: int =
     return discover(data, abnormal_dir=abnormal, mask_dir=masks, seed=seed)
 
 
+def print_run_header(cat, job: str, strategy, strategy_name: str) -> None:
+    """What a fitting run is about to do: its data, the job, the devices and the distribution strategy."""
+    from .. import distribute
+    from ..devices import describe
+
+    print(cat.summary())
+    print(job)
+    print(describe())
+    print(distribute.describe(strategy, strategy_name))
+
+
 def data_info(cat, args, validation) -> dict:
     return {
         "root": cat.root,

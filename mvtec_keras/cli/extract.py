@@ -10,7 +10,7 @@ import time
 from ..errors import InputError
 from ..fileio import write_json
 from .common import (add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
-                     parse_key_values, resolve_category, run_main)
+                     parse_key_values, print_run_header, resolve_category, run_main)
 
 FEATURE_METHODS = ("mahalanobis", "spade", "padim", "patchcore")
 
@@ -73,12 +73,8 @@ def main(argv=None) -> None:
     cat = resolve_category(args.data, args.abnormal, args.masks, args.seed)
     train_s, val_s = split_validation(cat.train, args.val_fraction, args.seed)
     if not args.quiet:
-        print(cat.summary())
-        print(f"fitting {method} on {len(train_s)} images ({args.backbone}, {prep.input_shape})")
-        from ..devices import describe
-
-        print(describe())
-        print(distribute.describe(strategy, strategy_name))
+        print_run_header(cat, f"fitting {method} on {len(train_s)} images ({args.backbone}, {prep.input_shape})",
+                         strategy, strategy_name)
     train_ds = make_dataset(train_s, prep, args.batch_size)
     out = args.out or os.path.join("runs", cat.name, f"{method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "info.json")):

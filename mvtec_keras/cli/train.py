@@ -9,7 +9,8 @@ import time
 
 from ..errors import InputError
 from ..fileio import write_json
-from .common import add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir, resolve_category, run_main
+from .common import (add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
+                     print_run_header, resolve_category, run_main)
 
 AE_ARCHITECTURES = ("mvtecCAE", "baselineCAE", "inceptionCAE", "resnetCAE", "skipCAE")
 GAN_ARCHITECTURES = ("ganomaly", "efficientgan", "anogan", "dense_ae")
@@ -150,12 +151,8 @@ def main(argv=None) -> None:
     cat = resolve_category(args.data, args.abnormal, args.masks, args.seed)
     train_s, val_s = split_validation(cat.train, args.val_fraction, args.seed)
     if not args.quiet:
-        print(cat.summary())
-        print(f"training on {len(train_s)} images, validating on {len(val_s)}; {arch}, {prep.input_shape}")
-        from ..devices import describe
-
-        print(describe())
-        print(distribute.describe(strategy, strategy_name))
+        print_run_header(cat, f"training on {len(train_s)} images, validating on {len(val_s)}; {arch}, "
+                         f"{prep.input_shape}", strategy, strategy_name)
     if not 0 <= args.rotation <= 180:
         raise InputError(f"--rotation must be between 0 and 180 degrees, got {args.rotation}")
     augment = None if args.no_augment else Augmentation(
