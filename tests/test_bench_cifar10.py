@@ -169,6 +169,26 @@ def test_a_reinit_cell_records_how_often_the_discriminator_was_drawn_again(tmp_p
     assert row.endswith(" | – |")  # run without the reference mode: a dash, not a made-up figure
 
 
+def test_best_val_holds_out_training_normals_and_keeps_the_epoch_of_the_lowest_validation_loss(tmp_path):
+    train = np.arange(200, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    fit, val = bench.validation_split(train)
+    assert (len(fit), len(val)) == (180, 20)
+    assert sorted(np.r_[fit[:, 0, 0, 0], val[:, 0, 0, 0]].tolist()) == list(range(200))  # a partition
+    assert np.array_equal(bench.validation_split(train)[1], val)  # the same draw for every seed
+    _fake_zip(tmp_path / "c.zip")
+    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "ganomaly", "--seeds", "0",
+            "--set", "ganomaly.epochs=3", "--set", "ganomaly.selection=best_val", "--set", "ganomaly.batch_size=16",
+            "--no-reproduction", "--out", str(tmp_path / "r.jsonl"), "--models-dir", str(tmp_path / "m")]
+    assert bench.main(argv) == 0
+    cell = [r for r in map(json.loads, open(tmp_path / "r.jsonl")) if "auroc" in r][0]
+    history = cell["validation_history"]
+    assert len(history) == 3 and cell["selected_epoch"] == int(np.argmin(history)) + 1
+    assert (cell["train_images"], cell["validation_images"]) == (32, 4)  # the 36 fake training normals, 10 % held out
+    report = tmp_path / "b.md"
+    assert bench.main(argv + ["--report", "--report-path", str(report)]) == 0
+    assert f"(epoch {cell['selected_epoch']} of 3 kept)" in report.read_text()
+
+
 def test_the_ensemble_trains_again_a_member_whose_model_is_not_here(tmp_path):
     # the models folder is not in git: a fresh checkout has the GANomaly rows but not their models
     _fake_zip(tmp_path / "c.zip")
