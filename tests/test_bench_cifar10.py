@@ -184,9 +184,11 @@ def test_best_val_holds_out_training_normals_and_keeps_the_epoch_of_the_lowest_v
     history = cell["validation_history"]
     assert len(history) == 3 and cell["selected_epoch"] == int(np.argmin(history)) + 1
     assert (cell["train_images"], cell["validation_images"]) == (32, 4)  # the 36 fake training normals, 10 % held out
+    assert 0.0 <= cell["auroc_last_epoch"] <= 1.0  # the control: the same run's last epoch, scored too
     report = tmp_path / "b.md"
     assert bench.main(argv + ["--report", "--report-path", str(report)]) == 0
-    assert f"(epoch {cell['selected_epoch']} of 3 kept)" in report.read_text()
+    assert (f"(epoch {cell['selected_epoch']} of 3 kept; the same run's last epoch: {cell['auroc_last_epoch']:.3f})"
+            in report.read_text())
 
 
 def test_the_ensemble_trains_again_a_member_whose_model_is_not_here(tmp_path):
