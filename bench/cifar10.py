@@ -871,7 +871,11 @@ def main(argv=None):
     for i, cell in enumerate(cells, 1):
         if cell["class"] not in split:
             split = {cell["class"]: leave_one_out(data, cell["class"])}
-        res = run_cell(cell, *split[cell["class"]], args)
+        try:
+            res = run_cell(cell, *split[cell["class"]], args)
+        except InputError as e:  # a bad --set value (e.g. ganomaly.selection=bogus) meets its check in fit
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         _append(args.out, {**cell, **res, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
         extra = f"  reference mode {res['auroc_reference_leaky']:.3f}" if "auroc_reference_leaky" in res else ""
         print(f"[{i}/{len(cells)}] {cell['class']:>10} {cell['method']:<18} seed {cell['seed']}  AUROC "

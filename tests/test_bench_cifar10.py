@@ -191,6 +191,16 @@ def test_best_val_holds_out_training_normals_and_keeps_the_epoch_of_the_lowest_v
             in report.read_text())
 
 
+def test_a_bad_set_value_of_a_trained_method_is_one_error_line(tmp_path, capsys):
+    _fake_zip(tmp_path / "c.zip")
+    argv = ["--zip", str(tmp_path / "c.zip"), "--classes", "dog", "--methods", "ganomaly", "--seeds", "0",
+            "--set", "ganomaly.selection=bogus", "--out", str(tmp_path / "r.jsonl"), "--models-dir", str(tmp_path / "m")]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: selection='bogus': choose 'last' or 'best_val'"
+    assert not [r for r in map(json.loads, open(tmp_path / "r.jsonl")) if "auroc" in r]  # no cell written
+
+
 def test_the_ensemble_trains_again_a_member_whose_model_is_not_here(tmp_path):
     # the models folder is not in git: a fresh checkout has the GANomaly rows but not their models
     _fake_zip(tmp_path / "c.zip")
