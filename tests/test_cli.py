@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import make_mvtec
 
@@ -245,6 +246,38 @@ def test_gan_through_train_finetune_test(category, tmp_path):
     assert test.cli(["-p", out, "-q"]) == 0
     res = json.load(open(os.path.join(out, "test", "test_result.json")))
     assert res["detector"] == "ganomaly" and res["pixel_auroc"] is not None
+
+
+def test_gan_options_through_train_py_param(category, tmp_path):
+    """--param passes GAN options (reference-fidelity switches, epoch selection) and info.json says which
+    epoch was kept; with best_val it is the epoch of the lowest validation reconstruction loss."""
+    out = str(tmp_path / "g")
+    assert train.cli(["-d", category, "-a", "ganomaly", "--size", "32", "-b", "4", "--epochs", "3",
+                      "--param", "selection=best_val", "--param", "adversarial=bce", "--param", "filters=8",
+                      "--out", out, "-q"]) == 0
+    config = json.load(open(os.path.join(out, "detector.json")))["config"]
+    assert (config["selection"], config["adversarial"], config["filters"]) == ("best_val", "bce", 8)
+    val_con = [float(row["val_con"]) for row in csv.DictReader(open(os.path.join(out, "history.csv")))]
+    info = json.load(open(os.path.join(out, "info.json")))
+    assert info["training"]["selected_epoch"] == int(np.argmin(val_con)) + 1
+    last = str(tmp_path / "last")  # the default keeps the last epoch
+    assert train.cli(["-d", category, "-a", "dense_ae", "--size", "32", "-b", "4", "--epochs", "2",
+                      "--out", last, "-q"]) == 0
+    assert json.load(open(os.path.join(last, "info.json")))["training"]["selected_epoch"] == 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["-a", "ganomaly", "--param", "adversarial=hinge"], "--param: ganomaly: adversarial='hinge'"),
+    (["-a", "ganomaly", "--param", "selection=best"], "--param: selection='best'"),
+    (["-a", "ganomaly", "--param", "nonsense=1"], "--param: "),
+    (["-a", "ganomaly", "--param", "seed=3"], "--param seed: set by its own flag (--seed)"),
+    (["-a", "anogan", "--param", "selection=best_val"], "--param: selection='best_val' needs a detector"),
+    (["-a", "mvtecCAE", "--param", "filters=8"], "--param is for GANs"),
+])
+def test_a_bad_param_is_one_line_before_anything_is_written(category, tmp_path, capsys, args, says):
+    assert train.cli(["-d", category, *args, "--size", "32", "--out", str(tmp_path / "p")]) == 2
+    assert _one_line_error(capsys).startswith(f"error: {says}")
+    assert not os.path.exists(tmp_path / "p")
 
 
 def test_gan_seed_ensemble_through_train_finetune_test(category, tmp_path):

@@ -232,6 +232,7 @@ def test_best_val_selection_runs_and_needs_validation():
         det.fit(train, verbose=0)
     det.fit(train, validation=toy_images(16, seed=5), verbose=0)
     best = int(np.argmin(det.history_["val_loss"]))
+    assert det.selected_epoch_ == best + 1
     # The kept weights reproduce the best epoch's validation loss.
     val = toy_images(16, seed=5)
     x_hat = det.model_(val).numpy()
@@ -255,6 +256,17 @@ def test_bad_input_raises_input_error():
     det = detector_class("anogan")(image_size=28, channels=1, selection="best_val", **TINY)
     with pytest.raises(InputError, match="best_val"):
         det.fit(toy_images(8), validation=toy_images(8), verbose=0)
+
+
+def test_check_options_finds_a_bad_option_before_fitting():
+    for kwargs, match in [({"adversarial": "hinge"}, "adversarial"), ({"selection": "best"}, "selection"),
+                          ({"image_size": 30}, "image_size")]:
+        with pytest.raises(InputError, match=match):
+            detector_class("ganomaly")(**{"image_size": 28, "channels": 1, **TINY, **kwargs}).check_options()
+    with pytest.raises(InputError, match="best_val"):
+        detector_class("anogan")(image_size=28, channels=1, selection="best_val", **TINY).check_options()
+    det = detector_class("ganomaly")(image_size=28, channels=1, adversarial="bce", **TINY)
+    assert det.check_options() is det and not det.is_fitted  # a good config passes and stays unfitted
 
 
 def test_detector_config_roundtrip():

@@ -10,7 +10,7 @@ import time
 from ..errors import InputError
 from ..fileio import write_json
 from .common import (add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
-                     print_run_header, resolve_category, run_main)
+                     parse_key_values, print_run_header, resolve_category, run_main)
 
 AE_ARCHITECTURES = ("mvtecCAE", "baselineCAE", "inceptionCAE", "resnetCAE", "skipCAE")
 GAN_ARCHITECTURES = ("ganomaly", "efficientgan", "anogan", "dense_ae")
@@ -54,8 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "the chief writes --out); auto = multiworker when TF_CONFIG names more than one worker, "
                         "else mirrored when more than one GPU is visible, else none. -b is the global batch "
                         "and --lr is not rescaled; see docs/distributed.md")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="GAN option (JSON values; repeatable), e.g. --param selection=best_val "
+                        "--param filters=64 --param adversarial=bce --param tanh_output=true")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+#: detector parameters that train.py's own flags set (so --param may not)
+FLAG_OF = {"image_size": "--size", "channels": "-c/--color", "epochs": "--epochs", "batch_size": "-b/--batch-size",
+           "learning_rate": "--lr", "seed": "--seed"}
 
 
 def _canonical_arch(name: str) -> str:
@@ -69,6 +77,8 @@ def make_detector(args, prep):
     """Build the detector the arguments describe (constructor only; nothing trained yet)."""
     arch = _canonical_arch(args.architecture)
     if arch in AE_ARCHITECTURES:
+        if args.param:
+            raise InputError(f"--param is for GANs; {arch}'s options are flags (-l, --lr, --patience, ...)")
         from ..detectors.autoencoder import AutoencoderDetector
 
         from ..detectors.autoencoder import PRECISIONS, fast_precision
@@ -101,6 +111,15 @@ def make_detector(args, prep):
         raise InputError(f"--lr auto is for autoencoders; give {arch} a number")
     config = dict(image_size=prep.size, channels=prep.channels, epochs=args.epochs, batch_size=args.batch_size,
                   learning_rate=_float(args.lr, "--lr"), seed=args.seed)
+    options = parse_key_values(args.param, "--param")
+    clash = sorted(options.keys() & config.keys())
+    if clash:
+        raise InputError(f"--param {clash[0]}: set by its own flag ({FLAG_OF[clash[0]]})")
+    config.update(options)
+    try:  # every option is checked here, before the run folder exists
+        detector_class(arch)(**config).check_options()
+    except (TypeError, InputError) as e:
+        raise InputError(f"--param: {e}") from None
     if args.members == 1:
         return detector_class(arch)(**config)
     if args.resume:
@@ -193,6 +212,8 @@ def main(argv=None) -> None:
             "training": {
                 "epochs_max": args.epochs,
                 "epochs_trained": getattr(detector, "epochs_trained_", None),
+                # GANs keep the last epoch or, with --param selection=best_val, the best on validation normals
+                "selected_epoch": getattr(detector, "selected_epoch_", None),
                 "batch_size": args.batch_size,
                 "learning_rate": getattr(detector, "learning_rate_", None),
                 "lr_setting": args.lr,

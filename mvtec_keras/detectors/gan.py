@@ -67,6 +67,19 @@ class _KerasModelDetector(Detector):
         return {"image_size": self.image_size, "channels": self.channels, "latent_dim": self.latent_dim,
                 **{k: getattr(self, k) for k in self.options}}
 
+    def check_options(self) -> "_KerasModelDetector":
+        """Raise :class:`InputError` for a bad option now, before a run writes anything (``fit`` checks
+        the same; this builds the model once and discards it)."""
+        self._check_selection()
+        self._build_model()
+        return self
+
+    def _check_selection(self):
+        if self.selection not in ("last", "best_val"):
+            raise InputError(f"selection={self.selection!r}: choose 'last' or 'best_val'")
+        if self.selection == "best_val" and self.monitor is None:
+            raise InputError(f"selection='best_val' needs a detector with a validation loss; {self.name} has none")
+
     def _build_model(self):
         if self.image_size not in gans.SUPPORTED_SIZES:
             raise InputError(f"image_size={self.image_size}: choose from {gans.SUPPORTED_SIZES}")
@@ -82,11 +95,9 @@ class _KerasModelDetector(Detector):
 
     # -- fitting -------------------------------------------------------------
     def _fit(self, train, validation=None, verbose=1, callbacks=()):
-        if self.selection not in ("last", "best_val"):
-            raise InputError(f"selection={self.selection!r}: choose 'last' or 'best_val'")
-        if self.selection == "best_val" and (validation is None or self.monitor is None):
-            raise InputError(f"selection='best_val' needs validation images and a detector with a "
-                             f"validation loss ({self.name})")
+        self._check_selection()
+        if self.selection == "best_val" and validation is None:
+            raise InputError(f"selection='best_val' needs validation images ({self.name})")
         keras.utils.set_random_seed(int(self.seed))  # reproducible initial weights (global, as in Keras)
         model = self._build_model()
         self._compile(model)
@@ -94,13 +105,17 @@ class _KerasModelDetector(Detector):
         train_ds = self._dataset(train, shuffle=True, repeat=repeat)
         val_ds = None if validation is None else self._dataset(validation, shuffle=False, repeat=False)
         cbs = list(callbacks)
-        if self.selection == "best_val":
-            cbs.append(_KeepBest(self.monitor))
+        keep = _KeepBest(self.monitor) if self.selection == "best_val" else None
+        if keep is not None:
+            cbs.append(keep)
         history = training.fit(model, train_ds, validation_data=val_ds, epochs=int(self.epochs),
                                steps_per_epoch=self.steps_per_epoch, callbacks=cbs, verbose=verbose)
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         # After a resume Keras reports only this call's epochs; count from the first.
         self.epochs_trained_ = (max(history.epoch) + 1) if history.epoch else 0
+        # the epoch whose weights are kept (1-based, of this call's epochs): the last, or the best on validation
+        self.selected_epoch_ = (keep.best_epoch + 1 if keep is not None and keep.best_epoch is not None
+                                else self.epochs_trained_)
         self.model_ = model
         self._score_fn = None
 
@@ -283,12 +298,12 @@ class _KeepBest(keras.callbacks.Callback):
     def __init__(self, monitor):
         super().__init__()
         self.monitor = monitor
-        self.best, self.weights = np.inf, None
+        self.best, self.weights, self.best_epoch = np.inf, None, None
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is not None and value < self.best:
-            self.best, self.weights = value, self.model.get_weights()
+            self.best, self.weights, self.best_epoch = value, self.model.get_weights(), epoch
 
     def on_train_end(self, logs=None):
         if self.weights is not None:
