@@ -612,6 +612,39 @@ def ablation_status(rows) -> list:
     return out
 
 
+def reproduction_status(rows) -> list:
+    """Lines: each GANomaly setting with reference-mode figures over 3 or more seeds on a class the reference
+    printed, held against the reference's mean over its epochs. The reference is one run, so the spread of its
+    own epochs (sample std) stands for how much one evaluation varies; a setting reproduces it when the
+    difference is within 2 x sqrt(that variance + our standard error squared)."""
+    out = []
+    for c, printed in REFERENCE_PRINTED.items():
+        groups = {}
+        for r in rows:
+            if "auroc_reference_leaky" in r and r["class"] == c and r["method"] == "ganomaly":
+                groups.setdefault(json.dumps(_changed(r), sort_keys=True), []).append(r["auroc_reference_leaky"])
+        p_mean, p_sd = np.mean(printed), np.std(printed, ddof=1)
+        lines = []
+        for diff, vals in groups.items():
+            if len(vals) < 3:
+                continue  # fewer seeds: a screening, listed in the tables only
+            gap = np.mean(vals) - p_mean
+            noise = 2 * np.sqrt(p_sd ** 2 + np.var(vals, ddof=1) / len(vals))
+            name = ("the default" if diff == "{}" else "the reference's architecture"
+                    if json.loads(diff) == REFERENCE_ARCHITECTURE else f"`{diff}`")
+            verdict = "reproduced (within noise)" if abs(gap) <= noise else (
+                "above the reference" if gap > 0 else "below the reference")
+            lines.append(f"| {name} | {len(vals)} | {np.mean(vals):.3f} | {gap:+.3f} | {noise:.3f} | {verdict} |")
+        if lines:
+            out += [f"Reference mode on {c}, each GANomaly setting over 3 or more seeds against what the reference "
+                    f"printed (mean {p_mean:.3f} over its {len(printed)} epochs, sample std {p_sd:.3f}). The "
+                    "reference is one run, so the spread of its epochs stands for how much one evaluation varies; "
+                    "*noise* is 2 x sqrt(that variance + the setting's standard error squared).", "",
+                    "| setting | seeds | reference mode | minus the reference | noise | verdict |",
+                    "|---|---|---|---|---|---|", *lines, ""]
+    return out
+
+
 def other_settings_summary(other, cur) -> list:
     """Lines: each changed setting run on several classes, its mean beside the preset's on the same classes."""
     groups = {}
@@ -729,6 +762,9 @@ def markdown(rows, sessions) -> str:
                 out.append(f"| {c} | ganomaly in the reference's architecture (`{json.dumps(REFERENCE_ARCHITECTURE)}`)"
                            f" | {_fmt([r['auroc'] for r in arch])} | "
                            f"{_fmt(_leaky(arch))} |")
+        status = reproduction_status(rows)
+        if status:
+            out += ["", *status[:-1]]
     out += ["", "## GANomaly fidelity options (ablation against the reference implementation)", "", ABLATION, "",
             *ablation_status(rows)]
     if other:

@@ -71,6 +71,32 @@ def test_reproduction_table_lists_the_reference_architecture_apart():
     assert line.endswith("| 0.530 ± 0.020 (n=2) | 0.680 ± 0.020 (n=2) |")  # the near-miss config is not pooled
 
 
+def test_reproduction_status_holds_each_setting_against_what_the_reference_printed():
+    arch = {**bench.PRESETS["ganomaly"], **bench.REFERENCE_ARCHITECTURE}
+
+    def row(seed, cfg, leaky, cls="dog"):
+        return {"class": cls, "method": "ganomaly", "seed": seed, "config": cfg, "auroc": 0.5,
+                "auroc_reference_leaky": leaky, "train_s": 1.0, "score_s": 1.0}
+
+    default = bench.PRESETS["ganomaly"]
+    rows = [row(0, default, 0.80), row(1, default, 0.84), row(2, default, 0.82),  # far above 0.670
+            row(0, arch, 0.64), row(1, arch, 0.66), row(2, arch, 0.68),  # at it
+            row(0, {**default, "tanh_output": True}, 0.5), row(1, {**default, "tanh_output": True}, 0.5),  # 2 seeds
+            row(0, default, 0.99, cls="cat"), row(1, default, 0.99, cls="cat"), row(2, default, 0.99, cls="cat")]
+    lines = bench.reproduction_status(rows)
+    # noise: 2 * sqrt(0.0404**2 + 0.02**2 / 3) = 0.084 for both settings (the same spread over seeds)
+    assert "| the default | 3 | 0.820 | +0.150 | 0.084 | above the reference |" in lines
+    assert "| the reference's architecture | 3 | 0.660 | -0.010 | 0.084 | reproduced (within noise) |" in lines
+    assert not any("tanh" in x for x in lines)  # 2 seeds: not judged
+    assert not any("0.990" in x for x in lines)  # the reference printed nothing for cat
+    rows[3:6] = [row(s, arch, a) for s, a in ((0, 0.50), (1, 0.52), (2, 0.54))]
+    assert "| the reference's architecture | 3 | 0.520 | -0.150 | 0.084 | below the reference |" in \
+        bench.reproduction_status(rows)
+    page = bench.markdown(rows, [])
+    assert page.index("| the default | 3 | 0.820 |") < page.index("## GANomaly fidelity options")
+    assert bench.reproduction_status(rows[:2]) == []
+
+
 def test_ablation_status_compares_an_option_with_the_default_on_its_seeds():
     cfg = bench.PRESETS["ganomaly"]
 
