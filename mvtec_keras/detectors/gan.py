@@ -113,7 +113,8 @@ class _KerasModelDetector(Detector):
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         # After a resume Keras reports only this call's epochs; count from the first.
         self.epochs_trained_ = (max(history.epoch) + 1) if history.epoch else 0
-        # the epoch whose weights are kept (1-based, of this call's epochs): the last, or the best on validation
+        # the epoch whose weights are kept (1-based): the last, or the best on validation (after a resume: of
+        # the epochs this call ran)
         self.selected_epoch_ = (keep.best_epoch + 1 if keep is not None and keep.best_epoch is not None
                                 else self.epochs_trained_)
         self.model_ = model
