@@ -117,11 +117,11 @@ def make_detector(args, prep):
         raise InputError(f"--param {clash[0]}: set by its own flag ({FLAG_OF[clash[0]]})")
     config.update(options)
     try:  # every option is checked here, before the run folder exists
-        detector_class(arch)(**config).check_options()
+        single = detector_class(arch)(**config).check_options()
     except (TypeError, InputError) as e:
         raise InputError(f"--param: {e}") from None
     if args.members == 1:
-        return detector_class(arch)(**config)
+        return single
     if args.resume:
         raise InputError("--resume: an ensemble (--members > 1) cannot resume; train it again")
     return detector_class("ensemble")(detector=arch, config=config, members=args.members)
