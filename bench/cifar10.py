@@ -569,15 +569,19 @@ def _changed(r) -> dict:
     return {k: v for k, v in r["config"].items() if preset.get(k) != v}
 
 
+def _ganomaly_by_setting(rows, cls) -> dict:
+    """GANomaly rows of one class grouped by their changed settings (JSON; "{}" is the preset)."""
+    groups = {}
+    for r in rows:
+        if r["class"] == cls and r["method"] == "ganomaly":
+            groups.setdefault(json.dumps(_changed(r), sort_keys=True), []).append(r)
+    return groups
+
+
 def ablation_status(rows) -> list:
     """Lines: each GANomaly option run on dog against the default on the same seeds, and what is decided."""
-    runs = [r for r in rows if "auroc" in r and r["class"] == "dog" and r["method"] == "ganomaly"]
-    base = {r["seed"]: r for r in runs if r["config"] == PRESETS["ganomaly"]}
-    options = {}
-    for r in runs:
-        diff = _changed(r)
-        if diff:
-            options.setdefault(json.dumps(diff, sort_keys=True), []).append(r)
+    options = _ganomaly_by_setting([r for r in rows if "auroc" in r], "dog")
+    base = {r["seed"]: r for r in options.pop("{}", [])}
     if not options:
         return ["**Status:** no option has been run yet; the defaults are unchanged."]
     out = ["| option (dog) | seeds | honest | default, same seeds | reference mode | default, same seeds |",
@@ -619,13 +623,11 @@ def reproduction_status(rows) -> list:
     difference is within 2 x sqrt(that variance + our standard error squared)."""
     out = []
     for c, printed in REFERENCE_PRINTED.items():
-        groups = {}
-        for r in rows:
-            if "auroc_reference_leaky" in r and r["class"] == c and r["method"] == "ganomaly":
-                groups.setdefault(json.dumps(_changed(r), sort_keys=True), []).append(r["auroc_reference_leaky"])
+        groups = _ganomaly_by_setting([r for r in rows if "auroc_reference_leaky" in r], c)
         p_mean, p_sd = np.mean(printed), np.std(printed, ddof=1)
         lines = []
-        for diff, vals in groups.items():
+        for diff, rs in groups.items():
+            vals = _leaky(rs)
             if len(vals) < 3:
                 continue  # fewer seeds: a screening, listed in the tables only
             gap = np.mean(vals) - p_mean
