@@ -731,7 +731,8 @@ def markdown(rows, sessions) -> str:
         out.append(f"| {c} | " + " | ".join(cells) + " |")
     if cur:
         # a method's mean is over the classes it has run on, which the cell says when they are fewer
-        out.append("| **mean over the classes run** | " + " | ".join(
+        label = "mean over the 10 classes" if complete else "mean over the classes run"
+        out.append(f"| **{label}** | " + " | ".join(
             (f"**{np.mean(per_method[m]):.3f}**" + (f" ({len(per_method[m])} of {len(classes)})"
                                                     if len(per_method[m]) < len(classes) else ""))
             if per_method[m] else "–" for m in methods) + " |")

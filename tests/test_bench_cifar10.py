@@ -135,6 +135,20 @@ def test_a_methods_mean_says_over_how_many_classes():
     assert "| **mean over the classes run** | **0.650** | **0.500** (1 of 2) |" in text
 
 
+def test_a_complete_table_is_not_called_partial():
+    def rows(method, auroc):
+        seeds = (0, 1, 2) if method in bench.SEEDED else (None,)
+        return [{"class": c, "method": method, "seed": s, "config": bench.PRESETS[method], "auroc": auroc,
+                 "train_s": 1.0, "score_s": 1.0} for c in bench.CLASSES for s in seeds]
+
+    full = [r for i, m in enumerate(bench.PRESETS) for r in rows(m, 0.5 + i / 100)]
+    text = bench.markdown(full, [])
+    assert "**Partial:**" not in text
+    assert "| **mean over the 10 classes** | **0.500** | **0.510** |" in text
+    text = bench.markdown(full[1:], [])  # one GAN cell short of 3 seeds
+    assert "**Partial:**" in text and "| **mean over the classes run** |" in text
+
+
 def test_other_settings_summarise_a_setting_run_on_several_classes():
     def row(cls, method, auroc, **changed):
         return {"class": cls, "method": method, "seed": 0 if method == "ganomaly" else None,
