@@ -123,6 +123,27 @@ def test_ablation_status_compares_an_option_with_the_default_on_its_seeds():
     text = "\n".join(bench.ablation_status(rows))
     assert '**Status:** `{"tanh_output": true}` beat the default beyond seed noise.' in text
     assert "by +0.090, beyond seed noise (2 standard errors: 0.026)" in text
+    assert "the epoch choice itself" not in text  # these rows carry no last-epoch figure
+
+
+def test_ablation_status_tells_the_epoch_choice_apart_from_the_smaller_training_set():
+    cfg = bench.PRESETS["ganomaly"]
+
+    def row(seed, auroc, **extra):
+        option = {"selection": "best_val"} if "auroc_last_epoch" in extra else {}
+        return {"class": "dog", "method": "ganomaly", "seed": seed, "config": {**cfg, **option}, "auroc": auroc,
+                "train_s": 1.0, "score_s": 1.0, **extra}
+
+    rows = [row(0, 0.52), row(1, 0.54), row(2, 0.50)]
+    rows += [row(0, 0.55, auroc_last_epoch=0.55), row(1, 0.56, auroc_last_epoch=0.57),
+             row(2, 0.54, auroc_last_epoch=0.50)]
+    text = "\n".join(bench.ablation_status(rows))
+    # kept minus last, paired: 0, -0.01, +0.04 -> +0.010, 2 x std / sqrt(3) = 0.031
+    assert ("of that, the epoch choice itself (the kept epoch against the same runs' last epoch, paired) is "
+            "+0.010, within seed noise (2 standard errors: 0.031)") in text
+    for r, last in zip(rows[3:], (0.50, 0.52, 0.48)):
+        r["auroc_last_epoch"] = last
+    assert "is +0.050, beyond seed noise (2 standard errors: 0.012)" in "\n".join(bench.ablation_status(rows))
 
 
 def test_a_methods_mean_says_over_how_many_classes():
