@@ -2,6 +2,7 @@
 predict.py on run folders and exported files; the TF-free runtime; preprocessing parity."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -203,7 +204,12 @@ def test_int8_chooses_the_operating_point_again_on_its_own_scores(runs, category
             assert int(res["decision"][0]) == int(float(res["score"][0]) >= op["threshold"])
 
 
-def test_saved_model_serving_signature_and_onnx(runs, category, tmp_path):
+def _onnx_installed() -> bool:
+    """The optional ONNX extra (requirements-onnx.txt; CI installs it, the README's test command too)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("tf2onnx", "onnxruntime"))
+
+
+def test_saved_model_serving_signature(runs, category, tmp_path):
     import tensorflow as tf
 
     x = _val_u8(category)
@@ -214,8 +220,19 @@ def test_saved_model_serving_signature_and_onnx(runs, category, tmp_path):
     out = serve(image=tf.constant(x))  # any batch size
     np.testing.assert_allclose(out["score"].numpy(), ref_s, rtol=1e-4)
     np.testing.assert_allclose(out["map"].numpy(), ref_m, atol=1e-3)
+
+
+def test_onnx_export_matches_keras_or_names_the_missing_extra(runs, category, tmp_path, capsys):
+    x = _val_u8(category)
     onnx_path = str(tmp_path / "padim.onnx")
-    assert export_cli(["-p", runs["padim"], "--format", "onnx", "--out", onnx_path, "-q"]) == 0
+    rc = export_cli(["-p", runs["padim"], "--format", "onnx", "--out", onnx_path, "-q"])
+    if not _onnx_installed():  # a user who skipped the extra gets one line saying how to install it
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "pip install '.[onnx]'" in err[0]
+        assert os.listdir(tmp_path) == []
+        return
+    assert rc == 0
+    ref_s, ref_m = _keras_scores(runs["padim"], x)
     scores, maps = ExportedModel(onnx_path).score(x)  # onnxruntime
     np.testing.assert_allclose(scores, ref_s, rtol=1e-4)
     np.testing.assert_allclose(maps, ref_m, atol=1e-3)
@@ -443,6 +460,8 @@ def cae_runs(tmp_path_factory):
 
 def _check_export(run, fmt, precision, x, out):
     """Export ``run`` as asked and score ``x`` (uint8) with the file; returns (scores, maps, Keras')."""
+    if fmt == "onnx" and not _onnx_installed():
+        pytest.skip("the ONNX extra is not installed (requirements-onnx.txt)")
     assert export_cli(["-p", run, "--format", fmt, "--precision", precision, "--calibration", "4",
                        "--out", out, "-q"]) == 0
     meta = read_metadata(out) if fmt != "saved_model" else None
