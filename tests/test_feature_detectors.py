@@ -539,7 +539,8 @@ def test_spade_blocked_search_matches_brute_force(data, monkeypatch):
         b, h, w, c = q.shape
         per = [np.asarray(nearest.knn(q[i].reshape(-1, c), bank[nn[i]].reshape(-1, c), 1)[0])[:, 0] for i in range(b)]
         old.append(tf.image.resize(np.stack(per).reshape(b, h, w, 1), (SIZE, SIZE), "bilinear")[..., 0].numpy())
-    np.testing.assert_allclose(np.asarray(maps), np.mean(old, axis=0), rtol=1e-5)
+    # float32 over two code paths (oneDNN picks kernels per CPU): relative on the map's scale, not per pixel
+    np.testing.assert_allclose(np.asarray(maps), np.mean(old, axis=0), rtol=1e-4, atol=1e-4 * float(np.max(old)))
 
 
 @pytest.mark.parametrize("cls", [MahalanobisDetector, PadimDetector])

@@ -94,7 +94,8 @@ def test_ssim_mean_matches_tf_image_ssim():
 def test_rgb_ssim_is_channel_mean():
     a, b = smooth_pair((1, 24, 24, 3), seed=7)
     per_channel = [np.asarray(R.ssim_map(a[..., c : c + 1], b[..., c : c + 1])) for c in range(3)]
-    np.testing.assert_allclose(np.asarray(R.ssim_map(a, b)), np.mean(per_channel, axis=0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(R.ssim_map(a, b)), np.mean(per_channel, axis=0),
+                               rtol=1e-4, atol=1e-6)  # float32 over two code paths (oneDNN kernels differ per CPU)
 
 
 # -- MS-SSIM -----------------------------------------------------------------
@@ -137,15 +138,17 @@ def test_ms_ssim_negative_contrast_is_clamped_to_zero():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_identical_images_give_perfect_scores(channels):
     a, _ = smooth_pair((2, 32, 32, channels), seed=9)
-    np.testing.assert_allclose(np.asarray(R.ssim_map(a, a)), 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(R.ssim_metric(a, a)), 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(R.mssim_metric(a, a)), 1.0, atol=1e-5)
+    # float32 (2 mu_a mu_a + c1)(2 var_a + c2) / ((2 mu_a^2 + c1)(2 var_a + c2)): a few ulps of the
+    # variance terms off 1 where the variance is tiny (seen up to 2.3e-5 on an AVX2 CPU)
+    np.testing.assert_allclose(np.asarray(R.ssim_map(a, a)), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(R.ssim_metric(a, a)), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(R.mssim_metric(a, a)), 1.0, atol=1e-4)
     for name in ("ssim", "mssim", "l2"):
         loss = np.asarray(R.get_loss(name)(a, a))
         assert loss.shape == (2,)
-        np.testing.assert_allclose(loss, 0.0, atol=1e-5)
+        np.testing.assert_allclose(loss, 0.0, atol=1e-4)
     for method in ("ssim", "l2"):
-        np.testing.assert_allclose(np.asarray(R.residual_map(a, a, method)), 0.0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(R.residual_map(a, a, method)), 0.0, atol=1e-4)
 
 
 def test_l2_map_and_loss_match_numpy():
