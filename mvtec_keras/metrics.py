@@ -18,6 +18,7 @@ __all__ = [
     "image_auroc",
     "average_precision",
     "f1_max",
+    "best_balanced_accuracy",
     "pixel_auroc",
     "aupro",
     "threshold_metrics",
@@ -155,6 +156,24 @@ def f1_max(labels, scores):
     y, s = _image_inputs(labels, scores)
     order, ends, thr = _sweep(s)
     return _f1_from_curve(*_binary_curve(y, order, ends), thr)
+
+
+def best_balanced_accuracy(labels, scores):
+    """The oracle operating point: the best balanced accuracy any image-score threshold reaches.
+
+    -> ``(balanced accuracy, threshold)``, deciding defective when ``score >= threshold``
+    (ties: the highest threshold); NaN and NaN when a class is absent. It looks at the labels
+    of the images it is given, so it is a yardstick for a chosen point, never a way to choose one.
+    """
+    y, s = _image_inputs(labels, scores)
+    order, ends, thr = _sweep(s)
+    tps, fps = _binary_curve(y, order, ends)
+    P, N = tps[-1], fps[-1]
+    if P == 0 or N == 0:
+        return float("nan"), float("nan")
+    bal = (tps / P + 1.0 - fps / N) / 2.0
+    k = int(np.argmax(bal))  # thresholds descend: the first maximum is the highest threshold
+    return float(bal[k]), float(thr[k])
 
 
 def threshold_metrics(labels, predictions) -> dict:

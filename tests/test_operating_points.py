@@ -114,6 +114,7 @@ def test_mahalanobis_rules(maha_run, capsys):
     assert ft["decision"] == "image_score" and ft["rule"] == "balanced" and ft["finetune_files"]
     # Untrained features on two finetune images: the point may be poor, but never flags all or none.
     assert ft["n_finetune"] == 2 and (ft["tpr"] + (1 - ft["tnr"])) == 1.0
+    assert ft["chosen_by"] == "auto" and [c["rule"] for c in ft["candidates"]] == ["balanced"]
     assert finetune.cli(["-p", maha_run, "--rule", "chi2", "--target-fpr", "0.05"]) == 0
     assert "operating point by rule 'chi2'" in capsys.readouterr().out
     ft = load_operating_point(maha_run)
@@ -128,10 +129,16 @@ def test_padim_chi2_and_search(padim_run):
     assert finetune.cli(["-p", padim_run, "--rule", "chi2", "-q"]) == 0
     ft = load_operating_point(padim_run)
     assert ft["rule"] == "chi2" and ft["decision"] == "image_score"
+    assert finetune.cli(["-p", padim_run, "--min-area", "5:50:5", "--rule", "search", "-q"]) == 0
+    ft = load_operating_point(padim_run)
+    assert ft["rule"] == "search" and ft["decision"] == "segmentation" and "candidates" not in ft
+    assert 0 < ft["tpr"] + (1 - ft["tnr"])  # flags something on the finetune split
+    # auto compares the map regions with the image score on the same split and keeps the better.
     assert finetune.cli(["-p", padim_run, "--min-area", "5:50:5", "-q"]) == 0
     ft = load_operating_point(padim_run)
-    assert ft["rule"] == "search" and ft["decision"] == "segmentation"
-    assert 0 < ft["tpr"] + (1 - ft["tnr"])  # flags something on the finetune split
+    cands = {c["rule"]: c["score"] for c in ft["candidates"]}
+    assert set(cands) == {"balanced", "search"} and ft["score"] == max(cands.values())
+    assert ft["rule"] == ("balanced" if cands["balanced"] >= cands["search"] else "search")
 
 
 def test_no_defect_images_anywhere_uses_the_normal_only_rule(tmp_path, capsys):
@@ -155,7 +162,8 @@ def test_autoencoder_score_reduction_is_chosen_and_applied(category, tmp_path):
     ft = load_operating_point(out)
     table = ft["score_reduction_search"]
     assert set(table) == {"max", "mean", "topk"} and table[ft["score_reduction"]] == max(table.values())
-    assert ft["rule"] == "search" and ft["map_sigma"] in (0, 2)
+    assert ft["rule"] in ("search", "balanced") and ft["map_sigma"] in (0, 2)
+    assert [c["rule"] for c in ft["candidates"]] == ["balanced", "search"]
     from mvtec_keras.detectors import load_detector
 
     det = configure_detector(load_detector(out), ft)

@@ -199,16 +199,30 @@ def test_search_matches_literal_reference(dtype):
 
 
 def _reference_relaxed(ft, y, areas, cand):
-    """Literal definition of the relaxed search: best balanced accuracy over non-degenerate pairs."""
+    """Literal definition of the relaxed search: best balanced accuracy over non-degenerate pairs;
+    per min_area the threshold is the middle candidate of the longest run of the best accuracy
+    (ties: the highest run); ties between min_areas: the smallest."""
     best = None
     for a in areas:
-        for t in cand[::-1]:  # highest threshold first wins ties
+        bals = []
+        for t in cand:
             pred = T.classify(ft, t, a)[0]
-            if not 0 < pred.sum() < len(ft):
-                continue
-            bal = (pred[y == 1].mean() + 1 - pred[y == 0].mean()) / 2
-            if best is None or bal > best[2]:
-                best = (int(a), float(t), float(bal))
+            bals.append((pred[y == 1].mean() + 1 - pred[y == 0].mean()) / 2 if 0 < pred.sum() < len(ft) else -1.0)
+        top = max(bals)
+        if top < 0:
+            continue
+        runs, start = [], None
+        for j, b in enumerate(bals + [None]):
+            if b is not None and abs(b - top) <= 1e-12:
+                start = j if start is None else start
+            elif start is not None:
+                runs.append((start, j - 1))
+                start = None
+        longest = max(e - s for s, e in runs)
+        s0, e0 = [r for r in runs if r[1] - r[0] == longest][-1]
+        j = (s0 + e0 + 1) // 2
+        if best is None or top > best[2]:
+            best = (int(a), float(cand[j]), float(top))
     return best
 
 
@@ -245,35 +259,73 @@ def test_search_bad_inputs_raise(kwargs):
 
 # -- thresholds from a false-positive rate ---------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_threshold_from_fpr_is_lowest_with_rate_at_most_target(dtype):
+def test_threshold_from_fpr_is_the_conformal_quantile(dtype):
     rng = np.random.default_rng(0)
-    s = (rng.integers(0, 30, 200) / 30).astype(dtype)  # many ties
-    for target in (0.0, 0.01, 0.05, 0.29, 0.5):
+    s = rng.permutation(200).astype(dtype)
+    for target in (0.01, 0.05, 0.29, 0.5):
+        k = T.conformal_rank(s.size, target)
+        assert k == int(np.ceil(201 * (1 - target) - 1e-9))
         t = T.threshold_from_fpr(s, target)
-        assert np.mean(s >= t) <= target
-        # The next value down (the largest score below t) would exceed the target.
-        assert np.mean(s >= s[s < t].max()) > target
+        # Flags exactly the scores above the k-th smallest: n - k of them.
+        assert (s >= t).sum() == s.size - k and t > np.sort(s)[k - 1]
     assert T.threshold_from_fpr(s, 0.0) > s.max()
-    assert T.threshold_from_fpr(np.arange(100, dtype=dtype), 0.05) == pytest.approx(94, abs=1e-4)
+    assert T.threshold_from_fpr(np.arange(100, dtype=dtype), 0.05) == pytest.approx(95, abs=1e-4)  # rank 96
     with pytest.raises(InputError):
         T.threshold_from_fpr(s, 1.0)
 
 
+@pytest.mark.parametrize("n, target", [(10, 0.1), (19, 0.1), (21, 0.05), (60, 0.05)])
+def test_threshold_from_fpr_keeps_the_expected_fpr_on_new_normals_at_most_the_target(n, target):
+    # The finite-sample guarantee, by simulation: n validation normals, then a new normal of the
+    # same distribution; the rate it is flagged at is 1 - k / (n + 1) <= target.
+    rng = np.random.default_rng(1)
+    trials = 4000
+    draws = rng.standard_normal((trials, n + 1))
+    flagged = np.array([d[n] >= T.threshold_from_fpr(d[:n], target) for d in draws])
+    expected = 1 - T.conformal_rank(n, target) / (n + 1)
+    assert expected <= target + 1e-12
+    assert flagged.mean() == pytest.approx(expected, abs=4 * np.sqrt(expected * (1 - expected) / trials))
+    # The old floor(target * n) rule does not keep it on (10, 0.1): it allows one false positive of 10
+    # (threshold at the second largest), which flags a new normal 2 times in 11.
+    if (n, target) == (10, 0.1):
+        old = np.array([d[n] > np.sort(d[:n])[-2] for d in draws]).mean()
+        assert old > target + 0.05
+
+
+def test_normal_only_rule_says_when_n_is_too_small_for_the_target():
+    s = np.arange(21, dtype=np.float64)
+    op = T.normal_fpr(s, 0.01)
+    c = op["conformal"]
+    assert not c["guaranteed"] and c["normals_needed"] == 99 and c["rank"] == 22 and op["threshold"] > s.max()
+    assert c["promised_fpr"] == pytest.approx(1 / 22)
+    line = T.describe(op).splitlines()[-1]
+    assert line.startswith("warning: target FPR 0.01 needs at least 99 validation normals") and "21 were given" in line
+    ok = T.normal_fpr(np.arange(99, dtype=np.float64), 0.01)
+    assert ok["conformal"]["guaranteed"] and "warning" not in T.describe(ok)
+    assert T.normals_needed(0.05) == 19 and T.normals_needed(0.1) == 9 and T.normals_needed(0.0) is None
+
+
 def test_threshold_from_fpr_maps():
     # Hills of increasing height: allowing k false positives lets the threshold drop to the (k+1)-th.
-    val = np.stack([_bump(amp=a) for a in (0.3, 0.4, 0.5, 0.6)])
+    amps = np.linspace(0.2, 0.6, 9)
+    val = np.stack([_bump(amp=a) for a in amps])
     cand = T.candidate_thresholds(val)
     strict = T.threshold_from_fpr_maps(val, 20, target_fpr=0.0)
-    loose = T.threshold_from_fpr_maps(val, 20, target_fpr=0.25)
+    # 9 normals, target 0.2: conformal rank ceil(10 * 0.8) = 8, so one image may be flagged.
+    loose = T.threshold_from_fpr_maps(val, 20, target_fpr=0.2)
     assert loose < strict
     assert T.classify(val, strict, 20)[0].sum() == 0
-    assert T.classify(val, loose, 20)[0].tolist() == [False, False, False, True]
+    assert T.classify(val, loose, 20)[0].tolist() == [False] * 8 + [True]
     # Lowest: one candidate lower flags a second image.
     below = cand[np.searchsorted(cand, loose) - 1]
     assert T.classify(val, below, 20)[0].sum() == 2
+    # A target 9 normals cannot promise (rank 10 > 9) flags none of them.
+    assert T.threshold_from_fpr_maps(val, 20, target_fpr=0.05) == strict
+    op = T.normal_fpr_maps(val, 20, 0.05)
+    assert not op["conformal"]["guaranteed"] and op["conformal"]["normals_needed"] == 19
     # With no false positive allowed it agrees with the search's threshold for that min_area.
     ft = np.concatenate([val, val])
-    res = T.search_min_area_threshold(val, ft, [0] * 4 + [1] * 4, min_areas=[20])
+    res = T.search_min_area_threshold(val, ft, [0] * 9 + [1] * 9, min_areas=[20])
     assert res.thresholds[0] == strict
 
 
@@ -315,9 +367,12 @@ def test_labelled_image_rules_never_flag_all_or_none(rule):
     assert (ft >= T.threshold_from_fpr(val, 0.0)).mean() < 0.1
     op, search = T.choose_operating_point(rule, val_scores=val, ft_scores=ft, ft_labels=y)
     assert search is None and op["rule"] == rule and op["decision"] == "image_score" and op["min_area"] is None
+    assert op["chosen_on"] == "finetune split"
     pred, segs = T.decide(op, ft)
     assert segs is None and 0 < pred.sum() < len(ft)
-    assert op["threshold"] > ft.min()
+    assert op["threshold"] > ft.min() and op["threshold"] not in ft  # never onto a sample
+    lo, hi = op["threshold_interval"]
+    assert lo < op["threshold"] < hi
     assert op["tpr"] == pytest.approx(pred[y == 1].mean()) and op["tnr"] == pytest.approx(1 - pred[y == 0].mean())
     # It is the best over every threshold (brute force over the split's own scores).
     best = 0.0
@@ -328,6 +383,81 @@ def test_labelled_image_rules_never_flag_all_or_none(rule):
         best = max(best, value)
     assert op["score"] == pytest.approx(best)
     assert op["score"] > (0.5 if rule == "balanced" else 0.0)
+
+
+def test_image_threshold_goes_to_the_middle_of_the_interval_of_equal_accuracy():
+    # Separable split: every threshold in (0.2, 0.8] is perfect. Positive scores: the geometric middle.
+    y = np.array([0, 0, 0, 1, 1, 1])
+    op = T.balanced_optimal(np.array([0.05, 0.1, 0.2, 0.8, 1.6, 3.2]), y)
+    assert op["threshold"] == pytest.approx(0.4) and op["threshold_interval"] == [0.2, 0.8] and op["score"] == 1.0
+    # Scores that can be negative: the arithmetic middle.
+    op = T.balanced_optimal(np.array([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0]), y)
+    assert op["threshold"] == pytest.approx(0.0)
+    # The old rule (ties: highest) put it at the weakest defect's edge; a slightly weaker defect is missed there
+    # but caught at the middle.
+    assert T.decide(T.balanced_optimal(np.array([0.05, 0.1, 0.2, 0.8, 1.6, 3.2]), y), np.array([0.7]))[0][0]
+    # Two runs of the best accuracy: the widest on the log scale wins ((1, 10] over (0.1, 0.3]), and
+    # a middle that lands on a score inside the run moves to the middle of its gap.
+    s = np.array([0.1, 0.3, 0.5, 1.0, 10.0, 20.0])
+    yy = np.array([0, 1, 0, 0, 1, 1])
+    op = T.balanced_optimal(s, yy)
+    lo, hi = op["threshold_interval"]
+    assert (lo, hi) == (1.0, 10.0) and op["threshold"] == pytest.approx(np.sqrt(10.0))
+    s2 = np.array([0.1, 0.2, 1.0, 2.0, 4.0, 8.0])  # run (1, 4]: middle 2.0 is a sample -> middle of (1, 2]
+    y2 = np.array([0, 0, 0, 1, 0, 1])
+    op = T.balanced_optimal(s2, y2)
+    assert op["threshold_interval"] == [1.0, 4.0] or op["threshold"] not in s2
+    assert op["threshold"] not in s2
+
+
+def _auto(val, ft, y, val_maps=None, ft_maps=None, **kw):
+    return T.choose_operating_point("auto", val_scores=val, val_maps=val_maps, ft_scores=ft, ft_maps=ft_maps,
+                                    ft_labels=y, map_decisions=val_maps is not None, **kw)
+
+
+def test_auto_keeps_the_image_score_when_it_decides_better_than_the_map_regions():
+    # Normals: a 3x3 spike in the middle; defects: the whole map raised (one region, touching the border,
+    # so the map-region rule never flags it). The image score (the map's mean) separates them.
+    val_maps = np.zeros((6, 24, 24), np.float32)
+    val_maps[:, 10:13, 10:13] = 1.0
+    ft_maps = np.concatenate([val_maps[:3], np.full((3, 24, 24), 0.6, np.float32)])
+    y = np.r_[np.zeros(3), np.ones(3)].astype(int)
+    mean = lambda m: m.mean(axis=(1, 2))  # noqa: E731
+    op, search = _auto(mean(val_maps), mean(ft_maps), y, val_maps, ft_maps, min_areas=[5, 10, 20])
+    assert op["decision"] == "image_score" and op["rule"] == "balanced" and op["chosen_by"] == "auto"
+    assert [c["rule"] for c in op["candidates"]] == ["balanced", "search"]
+    img, seg = op["candidates"]
+    assert img["score"] == 1.0 and seg["score"] < 1.0 and search is not None  # the search ran, and lost
+    assert "auto: best of balanced 1.000, search" in T.describe(op)
+    assert T.decide(op, mean(ft_maps))[0].tolist() == y.astype(bool).tolist()
+
+
+def test_auto_keeps_the_map_regions_when_they_decide_better_and_ties_go_to_the_image_score():
+    # Defects: a small bright spot; normals: smooth background noise of the same maximum. The image
+    # score (max) cannot separate them; a region of >= 5 px above the spot's level can.
+    rng = np.random.default_rng(0)
+
+    def normal():
+        m = rng.random((24, 24)).astype(np.float32) * 0.5
+        m[rng.integers(3, 21), rng.integers(3, 21)] = rng.uniform(0.9, 1.0)  # one hot pixel: a defect's max
+        return m
+
+    def defect():
+        m = normal()
+        m[10:13, 10:13] = 0.95
+        return m
+
+    val_maps = np.stack([normal() for _ in range(8)])
+    ft_maps = np.stack([normal() for _ in range(10)] + [defect() for _ in range(10)])
+    y = np.r_[np.zeros(10), np.ones(10)].astype(int)
+    mx = lambda m: m.max(axis=(1, 2))  # noqa: E731
+    op, search = _auto(mx(val_maps), mx(ft_maps), y, val_maps, ft_maps, min_areas=[1, 5])
+    assert op["decision"] == "segmentation" and op["rule"] == "search" and search is not None
+    assert op["score"] == 1.0 and op["candidates"][0]["score"] < 1.0
+    # Both perfect: the image score is kept.
+    sep = np.r_[mx(ft_maps)[:10], mx(ft_maps)[10:] + 1.0]
+    op, _ = _auto(mx(val_maps), sep, y, val_maps, ft_maps, min_areas=[1, 5])
+    assert op["decision"] == "image_score" and [c["score"] for c in op["candidates"]] == [1.0, 1.0]
 
 
 def test_f1_never_flags_everything_on_a_mostly_defective_split():
@@ -376,7 +506,8 @@ def test_normal_fpr_is_a_quantile_of_validation_scores():
     s = np.arange(200, dtype=np.float64)
     op = T.normal_fpr(s, 0.05)
     assert op["rule"] == "fpr" and op["target_fpr"] == 0.05 and op["chosen_on"] == "200 validation normals"
-    assert (s >= op["threshold"]).mean() == 0.05
+    # Conformal rank ceil(201 * 0.95) = 191: the 9 scores above the 191st smallest are flagged.
+    assert (s >= op["threshold"]).sum() == 9 and op["conformal"]["rank"] == 191 and op["conformal"]["guaranteed"]
 
 
 def test_chi2_bound_holds_on_gaussian_samples():

@@ -281,7 +281,10 @@ def _rederive_operating_point(op: dict, score, val_u8, cat, prep, det, scores="i
         gaussian=det.gaussian_score_model() if rule == "chi2" else None,
         target_fpr=float(op.get("target_fpr") or 0.01), fpr_min_area=int(op.get("min_area") or 25),
         dtype=op.get("dtype", "float32"))
-    kept = {k: v for k, v in op.items() if k not in new and k not in ("score", "tpr", "tnr", "relaxed")}
+    # what only the float choice measured (auto's candidates and their figures) is not carried over
+    stale = ("score", "tpr", "tnr", "relaxed", "candidates", "score_on_finetune_split", "threshold_interval",
+             "conformal")
+    kept = {k: v for k, v in op.items() if k not in new and k not in stale}
     previous = "float_threshold" if scores == "int8" else "finetune_threshold"
     return {**kept, **new, "chosen_on": f"{new.get('chosen_on', '')} ({scores} scores)".strip(),
             previous: op.get("threshold")}

@@ -6,13 +6,19 @@ scores and maps into decisions through :func:`decide`. The rules that choose one
 - ``search`` (:func:`search_min_area_threshold`): min_area x map threshold,
   for detectors whose image score summarises their map (below);
 - ``balanced`` / ``f1`` (:func:`balanced_optimal`, :func:`f1_optimal`): the
-  image-score threshold with the best balanced accuracy / F1 on a labelled split;
+  image-score threshold with the best balanced accuracy / F1 on a labelled split
+  (the finetune split plus the validation normals), in the middle of the widest
+  interval of thresholds that reach it, never on a sample;
 - ``fpr`` (:func:`normal_fpr`, :func:`normal_fpr_maps`): from normal images
-  only, a target false-positive rate (a quantile of validation scores);
+  only, a target false-positive rate: the conformal quantile of validation
+  scores (:func:`conformal_rank`), whose expected rate on new normal images is
+  at most the target when n validation normals allow it (n + 1 >= 1 / target);
 - ``chi2`` (:func:`chi2_bound`): for the Gaussian methods, a bound from the
   fitted distribution alone;
 - :func:`choose_operating_point` picks and applies one, falling back to the
-  normal-only rule when no anomalous image is there to choose on.
+  normal-only rule when no anomalous image is there to choose on; ``auto``
+  compares the image-score and map-region decisions on the labelled split
+  and keeps the better (ties: the image score).
 
 The labelled rules never return a point that flags all or none of a split
 holding both classes: their candidates span that split's scores (not only the
@@ -41,7 +47,8 @@ Modules: :mod:`.regions` (the segmentation rule's regions), :mod:`.candidates` (
 from .candidates import candidate_thresholds, to_uint8
 from .choose import RULES, choose_operating_point, decide, describe
 from .detector_settings import choose_map_sigma, choose_score_reduction
-from .image_rules import balanced_optimal, chi2_bound, f1_optimal, normal_fpr, threshold_from_fpr
+from .image_rules import (balanced_optimal, chi2_bound, conformal_rank, conformal_warning, f1_optimal, normal_fpr,
+                          normals_needed, threshold_from_fpr)
 from .map_rules import MinAreaThresholdSearch, normal_fpr_maps, search_min_area_threshold, threshold_from_fpr_maps
 from .regions import classify, largest_region_areas
 
@@ -52,6 +59,9 @@ __all__ = [
     "search_min_area_threshold",
     "MinAreaThresholdSearch",
     "threshold_from_fpr",
+    "conformal_rank",
+    "normals_needed",
+    "conformal_warning",
     "threshold_from_fpr_maps",
     "classify",
     "decide",

@@ -30,13 +30,18 @@ def choose_operating_point(
     n_thresholds: int = 256,
     value_range=None,
 ):
-    """Apply one rule -> ``(operating point dict, MinAreaThresholdSearch or None)``.
+    """Apply one rule -> ``(operating point dict, MinAreaThresholdSearch when the search ran, else None)``.
 
-    ``auto``: with a labelled split holding both classes, ``search`` when
-    ``map_decisions`` (the detector's image score summarises its map) else
-    ``balanced``; without one, the normal-only ``fpr`` rule. A labelled rule
-    asked for with no anomalous image falls back to ``fpr`` (never to the
-    minimum score), recorded as ``requested_rule`` and ``fallback``.
+    ``auto``: with a labelled split holding both classes, it compares the
+    candidate decisions on the finetune split and keeps the best by balanced
+    accuracy: the image-score threshold (``balanced``) always, and the map-region
+    ``search`` when ``map_decisions`` (the detector's image score summarises its
+    map). Ties go to the image score: one fitted number instead of two, with its
+    threshold in the middle of its interval (a margin on both sides), where the
+    search's sits at the edge of the validation normals. Every candidate is in
+    ``candidates``. Without a labelled split: the normal-only ``fpr`` rule. A
+    labelled rule asked for with no anomalous image falls back to ``fpr`` (never
+    to the minimum score), recorded as ``requested_rule`` and ``fallback``.
     ``fpr`` thresholds maps (at ``fpr_min_area``) when ``map_decisions`` and
     ``val_maps`` are given, else image scores.
     """
@@ -45,8 +50,11 @@ def choose_operating_point(
     y = None if ft_labels is None else np.asarray(ft_labels).reshape(-1)
     labelled = y is not None and y.size > 0 and bool(y.any()) and not bool(y.all())
     requested, fallback = rule, None
+    if rule == "auto" and labelled:
+        return _compare_candidates(val_maps, ft_scores, ft_maps, y, map_decisions, min_areas=min_areas,
+                                   dtype=dtype, n_thresholds=n_thresholds, value_range=value_range)
     if rule == "auto":
-        rule = ("search" if map_decisions else "balanced") if labelled else "fpr"
+        rule = "fpr"
     elif rule == "search" and not map_decisions:
         raise InputError("--rule search decides on map regions, but this detector's image score is not a "
                          "summary of its map (or it has no map); use balanced, f1, fpr or chi2")
@@ -78,6 +86,29 @@ def choose_operating_point(
     return op, search
 
 
+def _compare_candidates(val_maps, ft_scores, ft_maps, y, map_decisions, **search_kw):
+    """``auto`` on a labelled split: the best candidate decision on the finetune split (see
+    :func:`choose_operating_point`) -> ``(operating point, search or None)``."""
+    try:
+        found = [(balanced_optimal(ft_scores, y), None)]
+    except InputError:  # every image score equal: only the map regions can decide
+        if not map_decisions:
+            raise
+        found = []
+    if map_decisions:
+        search = search_min_area_threshold(val_maps, ft_maps, y, **search_kw)
+        found.append((search.operating_point(), search))
+    best = max(range(len(found)), key=lambda i: (found[i][0]["score"], -i))  # ties: the first, the image score
+    chosen = found[best][0]
+    search = found[-1][1]  # the search, when it ran, whichever candidate won (finetune.py plots it)
+    chosen["candidates"] = [{k: c.get(k) for k in ("rule", "decision", "threshold", "min_area", "score")}
+                            for c, _ in found]
+    chosen["chosen_on"] = f"{chosen['chosen_on']}; best of {len(found)} candidates by balanced accuracy on the " \
+                          "finetune split"
+    chosen["chosen_by"] = "auto"
+    return chosen, search
+
+
 def decide(operating_point: dict, scores, maps=None):
     """Decisions at an operating point (see :mod:`mvtec_keras.operating_point`).
 
@@ -107,6 +138,14 @@ def describe(op: dict) -> str:
     if op.get("relaxed"):
         extra += " (relaxed: every validation-safe pair flagged all or none of the finetune split)"
     line = f"operating point by rule '{op['rule']}': {what}{extra}"
+    if op.get("candidates"):
+        line += " [auto: best of " + ", ".join(
+            f"{c['rule']} {c['score']:.3f}" for c in op["candidates"]) + "]"
+    from .image_rules import conformal_warning
+
+    warning = conformal_warning(op)
+    if warning:
+        line += f"\nwarning: {warning}"
     if op.get("fallback"):
         line += f" [asked for '{op['requested_rule']}'; {op['fallback']}]"
     return line

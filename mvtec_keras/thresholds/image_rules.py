@@ -11,20 +11,59 @@ from ..errors import InputError
 from ._checks import _check_fpr
 
 
-def threshold_from_fpr(val_scores, target_fpr: float = 0.01) -> float:
-    """Lowest threshold whose false-positive rate on defect-free scores is <= ``target_fpr``.
+def conformal_rank(n: int, target_fpr: float) -> int:
+    """Rank k of the conformal threshold: ``ceil((n + 1) * (1 - target_fpr))``, at most ``n + 1``.
 
-    With ``k = floor(target_fpr * n)`` false positives allowed, it is the next
-    representable value above the (k+1)-th largest score (in the scores' dtype,
-    so that ``scores >= threshold`` counts exactly).
+    For n exchangeable normal scores and a new normal one, flagging scores above
+    the k-th smallest keeps the expected false-positive rate at most
+    ``1 - k / (n + 1) <= target_fpr``. ``k = n + 1`` means n is too small for the
+    target (``n + 1 < 1 / target_fpr``): no validation score is low enough.
+    """
+    k = math.ceil((n + 1) * (1.0 - _check_fpr(target_fpr)) - 1e-9)
+    return int(min(max(k, 1), n + 1))
+
+
+def normals_needed(target_fpr: float) -> int:
+    """Fewest validation normals whose conformal threshold meets ``target_fpr``: ``n + 1 >= 1 / target_fpr``."""
+    fpr = _check_fpr(target_fpr)
+    return None if fpr <= 0 else max(1, math.ceil(1.0 / fpr - 1 - 1e-9))  # None: no n is enough for 0
+
+
+def threshold_from_fpr(val_scores, target_fpr: float = 0.01) -> float:
+    """The conformal threshold on defect-free scores for a false-positive rate of at most ``target_fpr``.
+
+    Flags a score above the k-th smallest validation score, k =
+    :func:`conformal_rank`: returned as the next representable value above it
+    (in the scores' dtype, so that ``scores >= threshold`` counts exactly). When
+    n is too small for the target, the threshold lies above every validation
+    score and the rate it promises is only ``1 / (n + 1)``.
     """
     s = np.asarray(val_scores).reshape(-1)
     if s.size == 0 or not np.issubdtype(s.dtype, np.number) or not np.isfinite(s).all():
         raise InputError("val_scores: expected a non-empty array of finite numbers")
     s = s.astype(np.float32 if s.dtype == np.float32 else np.float64, copy=False)
-    allowed = math.floor(_check_fpr(target_fpr) * s.size + 1e-9)
-    v = np.partition(s, s.size - 1 - allowed)[s.size - 1 - allowed]
+    k = min(conformal_rank(s.size, target_fpr), s.size)
+    v = np.partition(s, k - 1)[k - 1]
     return float(np.nextafter(v, s.dtype.type(np.inf)))
+
+
+def conformal_summary(n: int, target_fpr: float) -> dict:
+    """What the normal-only rule can promise with n validation normals (written into the operating point)."""
+    k = conformal_rank(n, target_fpr)
+    return {"rank": k, "n": int(n), "guaranteed": k <= n, "normals_needed": normals_needed(target_fpr),
+            "promised_fpr": float(1.0 - min(k, n) / (n + 1))}
+
+
+def conformal_warning(op: dict):
+    """One line when the operating point's n validation normals are too few for its target, else None."""
+    c = op.get("conformal")
+    if not c or c.get("guaranteed", True):
+        return None
+    need = "no number of" if c["normals_needed"] is None else f"at least {c['normals_needed']}"
+    return (f"target FPR {op['target_fpr']:g} needs {need} validation normals for its "
+            f"guarantee and {c['n']} were given: the threshold sits above all of them, which promises an FPR of at "
+            f"most {c['promised_fpr']:.3g} (1 / (n + 1)); give more normals (--val-fraction) or a target >= "
+            f"{1 / (c['n'] + 1):.3g}")
 
 
 def _scores(values, name) -> np.ndarray:
@@ -46,64 +85,101 @@ def _labelled(scores, labels, name="ft_labels"):
 
 
 def _image_score_sweep(scores, labels):
-    """Candidate thresholds between consecutive distinct scores (never the minimum, so some image
-    is always left unflagged; the highest candidate flags only the top score) with TP / FP counts."""
+    """The ascending distinct scores ``u`` and the TP / FP counts of a threshold in each gap
+    (u[j], u[j+1]] (never at or below the minimum, so some image is always left unflagged; the
+    highest gap flags only the top score)."""
     s, y = _labelled(scores, labels)
     u = np.unique(s)
     if u.size < 2:
         return None
-    cand = (u[:-1] + u[1:]) / 2  # midway: the same decisions on this split, a margin on both sides
-    cand = np.where((cand > u[:-1]) & (cand <= u[1:]), cand, u[1:])  # float rounding guard
     order = np.sort(s[y]), np.sort(s[~y])
-    tp = y.sum() - np.searchsorted(order[0], cand, side="left")
-    fp = (~y).sum() - np.searchsorted(order[1], cand, side="left")
-    return cand, tp, fp, int(y.sum()), int((~y).sum())
+    tp = y.sum() - np.searchsorted(order[0], u[1:], side="left")
+    fp = (~y).sum() - np.searchsorted(order[1], u[1:], side="left")
+    return u, tp, fp, int(y.sum()), int((~y).sum())
 
 
-def _image_point(rule, cand, j, tp, fp, npos, nneg, score):
+def _mid(lo: float, hi: float, log: bool) -> float:
+    """The middle of (lo, hi]: geometric for positive scores (distances, errors), else arithmetic."""
+    m = math.sqrt(lo) * math.sqrt(hi) if log else lo / 2 + hi / 2
+    return m if lo < m <= hi else hi  # float rounding guard
+
+
+def _robust_threshold(u, values):
+    """Threshold for the best of ``values`` (one per gap (u[j], u[j+1]] of the ascending distinct
+    scores ``u``): among the runs of consecutive gaps that reach it, the widest on the scores' scale
+    (log when all are positive; ties: the highest run); the middle of that run, moved off any score
+    it lands on. Returns ``(threshold, j of the gap holding it, (low, high) of the run)``."""
+    best = values.max()
+    hit = np.isclose(values, best, rtol=0, atol=1e-12)
+    edges = np.flatnonzero(np.diff(np.r_[0, hit.astype(np.int8), 0]))
+    runs = list(zip(edges[::2], edges[1::2] - 1))  # [first gap, last gap] of each run
+    log = bool(u[0] > 0)
+    scale = np.log if log else (lambda v: v)
+    widths = [scale(u[b + 1]) - scale(u[a]) for a, b in runs]
+    a, b = runs[len(runs) - 1 - int(np.argmax(widths[::-1]))]
+    lo, hi = float(u[a]), float(u[b + 1])
+    t = _mid(lo, hi, log)
+    j = int(np.searchsorted(u, t, side="left")) - 1  # u[j] < t <= u[j + 1]
+    if t == u[j + 1] and j + 1 <= b:  # landed on a score inside the run: the middle of its gap instead
+        t = _mid(float(u[j]), float(u[j + 1]), log)
+    return t, j, (lo, hi)
+
+
+def _image_point(rule, scores, labels, metric):
+    """The image-score point best by ``metric(tp, fp, npos, nneg)`` on a labelled split."""
+    sweep = _image_score_sweep(scores, labels)
+    if sweep is None:
+        raise InputError("ft_scores: every image has the same score; no threshold separates any of them")
+    u, tp, fp, npos, nneg = sweep
+    values = metric(tp, fp, npos, nneg)
+    t, j, interval = _robust_threshold(u, values)
     return {
         "rule": rule,
         "decision": "image_score",
-        "threshold": float(cand[j]),
+        "threshold": float(t),
         "min_area": None,
-        "score": float(score),
+        "score": float(values[j]),
         "tpr": float(tp[j] / npos),
         "tnr": float(1 - fp[j] / nneg),
+        "threshold_interval": [interval[0], interval[1]],
         "chosen_on": "finetune split",
     }
 
 
+def _balanced(tp, fp, npos, nneg):
+    return (tp / npos + 1 - fp / nneg) / 2
+
+
+def _f1(tp, fp, npos, nneg):
+    return 2 * tp / np.maximum(tp + fp + npos, 1)
+
+
 def balanced_optimal(ft_scores, ft_labels) -> dict:
-    """Image-score threshold with the best balanced accuracy on a labelled split (ties: highest)."""
-    sweep = _image_score_sweep(ft_scores, ft_labels)
-    if sweep is None:
-        raise InputError("ft_scores: every image has the same score; no threshold separates any of them")
-    cand, tp, fp, npos, nneg = sweep
-    bal = (tp / npos + 1 - fp / nneg) / 2
-    j = int(len(bal) - 1 - np.argmax(bal[::-1]))
-    return _image_point("balanced", cand, j, tp, fp, npos, nneg, bal[j])
+    """Image-score threshold with the best balanced accuracy on a labelled split.
+
+    Every threshold between two neighbouring distinct scores makes the same
+    decisions on the split; among the runs of them that reach the best accuracy
+    the widest wins, and the threshold goes to its middle (geometric for positive
+    scores), never onto a sample: a margin on both sides for the images to come.
+    ``threshold_interval`` records the run.
+    """
+    return _image_point("balanced", ft_scores, ft_labels, _balanced)
 
 
 def f1_optimal(ft_scores, ft_labels) -> dict:
-    """Image-score threshold with the best F1 on a labelled split (ties: highest threshold).
+    """Image-score threshold with the best F1 on a labelled split, placed as in :func:`balanced_optimal`.
 
     The flag-everything threshold is not a candidate: on a mostly defective
     split it can have the best F1 while telling nothing.
     """
-    sweep = _image_score_sweep(ft_scores, ft_labels)
-    if sweep is None:
-        raise InputError("ft_scores: every image has the same score; no threshold separates any of them")
-    cand, tp, fp, npos, nneg = sweep
-    f1 = 2 * tp / np.maximum(tp + fp + npos, 1)
-    j = int(len(f1) - 1 - np.argmax(f1[::-1]))
-    return _image_point("f1", cand, j, tp, fp, npos, nneg, f1[j])
+    return _image_point("f1", ft_scores, ft_labels, _f1)
 
 
 def normal_fpr(val_scores, target_fpr: float = 0.01) -> dict:
-    """Normal-only rule: the image-score threshold at ``target_fpr`` on validation normals.
+    """Normal-only rule: the conformal image-score threshold for ``target_fpr`` on validation normals.
 
-    See :func:`threshold_from_fpr`; it lies above the minimum score always and
-    above every validation score when ``target_fpr * N < 1``.
+    See :func:`threshold_from_fpr`; ``conformal`` records its rank, whether n
+    normals allow the target, how many would, and the rate it promises.
     """
     s = np.asarray(val_scores).reshape(-1)
     return {
@@ -113,6 +189,7 @@ def normal_fpr(val_scores, target_fpr: float = 0.01) -> dict:
         "min_area": None,
         "target_fpr": float(target_fpr),
         "score": None,
+        "conformal": conformal_summary(s.size, target_fpr),
         "chosen_on": f"{s.size} validation normals",
     }
 

@@ -3,14 +3,14 @@ normal-only target FPR at a fixed ``min_area``."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
-from ._checks import _check_fpr, _check_maps, _check_min_area
+from ._checks import _check_maps, _check_min_area
 from .candidates import candidate_thresholds
+from .image_rules import conformal_rank, conformal_summary
 from .regions import classify, largest_region_areas
 
 
@@ -106,7 +106,8 @@ def search_min_area_threshold(
     all or none of the finetune set (balanced accuracy 0.5, a useless point).
     Then the search is ``relaxed``: the pair is chosen on the finetune set alone,
     best balanced accuracy over every (min_area, candidate) that flags some but
-    not all of it (ties: smallest min_area, then highest threshold).
+    not all of it (ties: smallest min_area; the threshold goes to the middle candidate of the longest
+    run of equal accuracy).
     """
     val = _check_maps(val_maps, "val_maps")
     ft = _check_maps(ft_maps, "ft_maps")
@@ -163,6 +164,16 @@ def search_min_area_threshold(
     return out
 
 
+def _middle_of_best_run(values) -> int:
+    """Index in the middle of the longest run of consecutive maxima (ties: the highest run): a
+    threshold inside an interval of equal split accuracy sits in its middle, not at an end."""
+    hit = np.isclose(values, values.max(), rtol=0, atol=1e-12)
+    edges = np.flatnonzero(np.diff(np.r_[0, hit.astype(np.int8), 0]))
+    starts, ends = edges[::2], edges[1::2] - 1
+    r = len(starts) - 1 - int(np.argmax((ends - starts)[::-1]))
+    return int((starts[r] + ends[r] + 1) // 2)
+
+
 def _finetune_optimal_pair(ft, y, areas, cand, exclude_border, connectivity):
     """(min_area, threshold, balanced accuracy, tpr, tnr) best on the finetune set among pairs
     that flag some but not all of it; None when every pair flags all or none."""
@@ -174,7 +185,7 @@ def _finetune_optimal_pair(ft, y, areas, cand, exclude_border, connectivity):
         tpr = pred[y].mean(axis=0)
         tnr = 1.0 - pred[~y].mean(axis=0)
         bal = np.where((n_flagged > 0) & (n_flagged < len(ft)), (tpr + tnr) / 2, -1.0)
-        j = int(len(bal) - 1 - np.argmax(bal[::-1]))  # highest threshold among ties
+        j = _middle_of_best_run(bal)
         if bal[j] >= 0 and (best is None or bal[j] > best[2]):  # strict: ties keep the smaller min_area
             best = (int(a), float(cand[j]), float(bal[j]), float(tpr[j]), float(tnr[j]))
     return best
@@ -192,13 +203,15 @@ def threshold_from_fpr_maps(
 ) -> float:
     """Map version of :func:`threshold_from_fpr` for a fixed ``min_area`` (no defect images needed).
 
-    Lowest candidate threshold at which at most ``floor(target_fpr * N)``
-    validation images are flagged there or at any higher candidate; ``inf``
-    when there is none.
+    Each validation image's statistic is the lowest candidate at which it is
+    flagged neither there nor at any higher one; the threshold is the
+    conformal rank's (:func:`conformal_rank`) smallest of them, i.e. the lowest
+    candidate at which at most ``N - rank`` images are flagged there or higher
+    (0 when N is too small for the target); ``inf`` when there is none.
     """
     val = _check_maps(val_maps, "val_maps")
     min_area = _check_min_area(min_area)
-    allowed = math.floor(_check_fpr(target_fpr) * len(val) + 1e-9)
+    allowed = max(0, len(val) - conformal_rank(len(val), target_fpr))
     cand = candidate_thresholds(val, dtype, n_thresholds, value_range)
     flags = largest_region_areas(val, cand, exclude_border, connectivity) >= min_area
     k = int(_lowest_safe(flags, allowed))
@@ -215,5 +228,6 @@ def normal_fpr_maps(val_maps, min_area, target_fpr: float = 0.01, **kwargs) -> d
         "min_area": int(min_area),
         "target_fpr": float(target_fpr),
         "score": None,
+        "conformal": conformal_summary(len(np.asarray(val_maps)), target_fpr),
         "chosen_on": f"{len(np.asarray(val_maps))} validation normals",
     }
