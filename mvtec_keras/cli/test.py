@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import staged_dir, write_json
-from .common import category_from_info, model_dir_from_arg, run_main
+from .common import add_verbose, category_from_info, model_dir_from_arg, run_main
 from ..operating_point import DEFAULT_TARGET_FPR, operating_point_for_run
 from .finetune import load_for_scoring
 from ..reports.html import write_run_report
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-overlays", type=int, default=40, help="anomaly-map overlays to draw (default 40; 0 = none)")
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("-q", "--quiet", action="store_true")
-    return p
+    return add_verbose(p)
 
 
 def main(argv=None) -> None:
@@ -77,6 +77,12 @@ def main(argv=None) -> None:
 
     pred, segs = thresholds.decide(ft, res.scores, res.maps)
     out.update(metrics.threshold_metrics(labels, pred))
+    # The oracle: a yardstick for the chosen point, from these images' labels; never used to choose.
+    out["oracle_balanced_accuracy"], out["oracle_threshold"] = metrics.best_balanced_accuracy(labels, res.scores)
+    out["oracle_gap"] = out["oracle_balanced_accuracy"] - out["balanced_accuracy"]
+    out["n_good"] = int((labels == 0).sum())
+    if ft.get("target_fpr") is not None:
+        out["target_fpr"] = float(ft["target_fpr"])  # beside out["fpr"], the rate seen on the good images
     out["min_area"], out["threshold"] = ft.get("min_area"), ft["threshold"]
     out["decision"], out["rule"] = ft.get("decision"), ft.get("rule")
     for key in ("map_sigma", "score_reduction"):
@@ -113,7 +119,22 @@ def main(argv=None) -> None:
         print(table)
         keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "tpr", "tnr", "balanced_accuracy")
         print("  ".join(f"{k}={out[k]:.4f}" for k in keys if out.get(k) is not None))
+        for line in decision_lines(out):
+            print(line)
         print(f"wrote {os.path.join(model_dir, 'test')}")
+
+
+def decision_lines(out: dict) -> list:
+    """The chosen point beside the oracle, and the normal-only rule's rate beside its target."""
+    lines = []
+    if np.isfinite(out.get("oracle_balanced_accuracy", np.nan)):
+        lines.append(f"balanced accuracy at the chosen point {out['balanced_accuracy']:.4f}; the best any image-score "
+                     f"threshold reaches on these images (oracle, reported only) {out['oracle_balanced_accuracy']:.4f}; "
+                     f"gap {out['oracle_gap']:.4f}")
+    if out.get("target_fpr") is not None and out.get("n_good"):
+        lines.append(f"false-positive rate on the {out['n_good']} good test images {out['fpr']:.4f} "
+                     f"(target {out['target_fpr']:g})")
+    return lines
 
 
 def _overlay_order(labels, n):

@@ -38,7 +38,10 @@ FILES_DIR = "report_files"
 N_OVERLAYS = 3
 
 _METRICS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
-            ("f1_max", "F1-max"), ("balanced_accuracy", "balanced accuracy"), ("tpr", "TPR"), ("tnr", "TNR"),
+            ("f1_max", "F1-max"), ("balanced_accuracy", "balanced accuracy"),
+            ("oracle_balanced_accuracy", "oracle balanced accuracy (best image-score threshold, reported only)"),
+            ("oracle_gap", "gap to the oracle"), ("tpr", "TPR"), ("tnr", "TNR"),
+            ("fpr", "FPR on the good images"), ("target_fpr", "target FPR"),
             ("threshold", "threshold"), ("min_area", "min_area"), ("scoring_img_per_s", "scoring img/s"))
 
 _CSS = """
@@ -150,7 +153,16 @@ def write_run_report(out_dir, result: dict, res, operating_point=None, predictio
     if op:
         summary["notes"] = [f"operating point: decision on {op.get('decision', 'image_score')}"
                             + (f", rule {op['rule']}" if op.get("rule") else "")
-                            + (f", mode {op['mode']}" if op.get("mode") else "")]
+                            + (f", mode {op['mode']}" if op.get("mode") else "")
+                            + ("; auto compared " + ", ".join(f"{c['rule']} ({c['score']:.3f})"
+                                                              for c in op["candidates"]) + " on the finetune split"
+                               if op.get("candidates") else "")]
+        warning = thresholds.conformal_warning(op)
+        if warning:
+            summary["notes"].append(f"warning: {warning}")
+        if result.get("oracle_balanced_accuracy") is not None:
+            summary["notes"].append("oracle: the best balanced accuracy any image-score threshold reaches on these "
+                                    "images, from their labels; a yardstick for the chosen point, never used to choose")
     else:
         summary["notes"] = ["no operating point (finetune.json) for this run: decisions are not shown"]
     sections.append(summary)
