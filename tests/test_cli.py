@@ -72,7 +72,11 @@ def test_finetune_then_test_excludes_finetune_split(trained, category):
     for f in ("roc_curve.png", "score_histogram.png", "per_defect.txt"):
         assert os.path.isfile(os.path.join(trained, "test", f))
     assert os.listdir(os.path.join(trained, "test", "overlays"))
-    assert os.listdir(os.path.join(trained, "test", "segmentations"))
+    # -s writes the regions of a map-region decision; an image-score decision (auto may keep one) has none
+    segs = os.path.join(trained, "test", "segmentations")
+    assert (os.listdir(segs) if ft["decision"] == "segmentation" else not os.path.exists(segs))
+    assert res["oracle_balanced_accuracy"] >= 0.5 and res["oracle_gap"] == pytest.approx(
+        res["oracle_balanced_accuracy"] - res["balanced_accuracy"])
 
 
 def test_finetune_prints_a_few_split_files_not_thousands(trained, monkeypatch, capsys):
@@ -181,6 +185,25 @@ def test_script_wrapper_exit_code(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error:")
 
 
+def test_tensorflow_log_lines_stay_out_unless_asked_for(trained):
+    """A command's output holds no TensorFlow C++ log line (``I0000 ...``, ``E0000 ... remapper failed``,
+    oneDNN notices) by default; ``--verbose`` or a user's TF_CPP_MIN_LOG_LEVEL lets them through."""
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    tf_line = re.compile(r"^[IWEF]\d{4} |oneDNN|absl::InitializeLog|cpu_feature_guard", re.M)
+
+    def run(*extra, **env_extra):
+        r = subprocess.run([sys.executable, os.path.join(REPO, "test.py"), "-p", trained, "-q", "--max-overlays", "0",
+                            *extra], capture_output=True, text=True, cwd=REPO, env={**env, **env_extra})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout + r.stderr
+
+    assert not tf_line.search(run()), "TensorFlow log lines in a default command's output"
+    assert tf_line.search(run("--verbose"))  # the CPU-feature notice TF logs at import, at level 0
+    assert tf_line.search(run(TF_CPP_MIN_LOG_LEVEL="0"))
+
+
 @pytest.mark.parametrize("method,param", [("padim", "n_features=20"), ("mahalanobis", "levels=[7,8,9]")])
 def test_extract_then_finetune_and_test(category, tmp_path, method, param):
     """Feature detectors go through the same finetune.py / test.py as the autoencoders."""
@@ -191,7 +214,9 @@ def test_extract_then_finetune_and_test(category, tmp_path, method, param):
         assert os.path.isfile(os.path.join(out, f))
     assert finetune.cli(["-p", out, "--min-area", "5:50:5", "-q"]) == 0
     ft = json.load(open(os.path.join(out, "finetune.json")))
-    assert ft["decision"] == ("segmentation" if method == "padim" else "image_score")
+    # auto: PaDiM's map regions compete with its image score, Mahalanobis has the image score alone
+    assert [c["rule"] for c in ft["candidates"]] == (["balanced", "search"] if method == "padim" else ["balanced"])
+    assert ft["decision"] == ("segmentation" if ft["rule"] == "search" else "image_score")
     assert test.cli(["-p", out, "-q"]) == 0
     res = json.load(open(os.path.join(out, "test", "test_result.json")))
     assert res["n_images"] == 16 - len(ft["finetune_files"])

@@ -309,6 +309,29 @@ def test_predict_folder_with_bad_files(runs, folder, tmp_path, capsys, source):
         else not os.path.exists(os.path.join(out, "overlays"))
 
 
+def test_predict_searches_folders_of_folders_and_recursive_globs(runs, category, tmp_path):
+    from PIL import Image
+
+    from mvtec_keras.runtime.images import list_images
+
+    cat, _, _ = category
+    src = [s.path for s in cat.test[:2]]
+    test = tmp_path / "test"
+    for sub in ("good", "crack"):  # the same file names in two subfolders, as in an MVTec test set
+        (test / sub).mkdir(parents=True)
+        for i, p in enumerate(src):
+            Image.open(p).save(test / sub / f"{i:03d}.png")
+    (test / "crack" / "notes.txt").write_text("not an image")
+    want = [str(test / sub / f"{i:03d}.png") for sub in ("crack", "good") for i in range(2)]
+    assert list_images([str(test)]) == want
+    assert list_images([str(tmp_path / "**" / "*.png")]) == want
+    assert list_images([str(test / "*")]) == want  # a glob that matches folders searches them
+    out = str(tmp_path / "pred")
+    assert predict_cli(["-p", runs["padim"], str(test), "--out", out, "-q"]) == 0
+    assert [r["file"] for r in _rows(out)] == want  # same-named files of different folders kept apart
+    assert all(r["error"] == "" for r in _rows(out))
+
+
 def test_predict_uses_finetune_operating_point_and_draws_overlays(runs, folder, tmp_path):
     run = runs["autoencoder"]
     op = {"decision": "segmentation", "threshold": -1.0, "min_area": 1, "method": "ssim", "map_sigma": 0.0,

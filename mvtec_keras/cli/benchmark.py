@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import InputError
-from .common import run_main
+from .common import add_verbose, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="autoencoders: maximum epochs (default 30)")
     p.add_argument("--out", default=os.path.join("runs", "benchmark"), help="output folder (default runs/benchmark)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return p
+    return add_verbose(p)
 
 
 def main(argv=None) -> None:

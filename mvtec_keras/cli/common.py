@@ -90,14 +90,26 @@ def apply_smoke_caps(args, native_size=None) -> bool:
     return True
 
 
-def quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+VERBOSE_FLAG = "--verbose"
+
+
+def add_verbose(p):
+    """The flag that lets TensorFlow's own log lines through (read by :func:`run_main` before TF loads)."""
+    p.add_argument(VERBOSE_FLAG, action="store_true",
+                   help="show TensorFlow's own log lines (hidden by default; TF_CPP_MIN_LOG_LEVEL, when set, decides)")
+    return p
+
+
+def quiet_tensorflow(verbose: bool = False) -> None:
+    """Keep TensorFlow's C++ log lines (oneDNN notices, ``E0000 ... remapper failed``: harmless, but an
+    ``E`` reads like a failure) out of a command's output, unless asked for or set by the user."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 def run_main(fn, argv=None) -> int:
     """Call ``fn(argv)``; bad input becomes one line on stderr and exit code 2."""
-    quiet_tensorflow()
+    quiet_tensorflow(VERBOSE_FLAG in (sys.argv[1:] if argv is None else argv))
     try:
         fn(argv)
     except InputError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import model_dir_from_arg, run_main
+from .common import add_verbose, model_dir_from_arg, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: training images used to calibrate the quantisation (default 100)")
     p.add_argument("--out", help="output file (folder for saved_model); default RUN/export/<detector>_<precision>.tflite")
     p.add_argument("-q", "--quiet", action="store_true")
-    return p
+    return add_verbose(p)
 
 
 def main(argv=None) -> None:

@@ -9,7 +9,7 @@ import time
 
 from ..errors import InputError
 from ..fileio import write_json
-from .common import (add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
+from .common import (add_data_args, add_verbose, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
                      parse_key_values, print_run_header, resolve_category, run_main)
 
 FEATURE_METHODS = ("mahalanobis", "spade", "padim", "patchcore")
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every worker; the chief writes --out); auto = mirrored when more than one GPU is "
                         "visible (see docs/distributed.md)")
     p.add_argument("-q", "--quiet", action="store_true")
-    return p
+    return add_verbose(p)
 
 
 def main(argv=None) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import write_json
-from .common import category_from_info, model_dir_from_arg, read_info, run_main, validation_samples
+from .common import add_verbose, category_from_info, model_dir_from_arg, read_info, run_main, validation_samples
 
 FINETUNE_FILE = "finetune.json"
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "image AUROC on the finetune split (default max,mean,topk; 'keep' keeps the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("-q", "--quiet", action="store_true")
-    return p
+    return add_verbose(p)
 
 
 def parse_range(text: str, flag: str):

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .common import run_main
+from .common import add_verbose, run_main
 
 COMMANDS = ("train", "finetune", "test", "extract", "predict", "export", "benchmark", "demo", "run")
 
@@ -22,7 +22,7 @@ def _demo(argv):
     p = argparse.ArgumentParser(prog="mvtec-keras demo", description="Build (or reuse) the embedded demo category.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    args = p.parse_args(argv)
+    args = add_verbose(p).parse_args(argv)
     from ..data.demo import build_demo, describe_demo
     from .common import check_range
 
@@ -49,7 +49,7 @@ def _run(argv):
     p.add_argument("--precision", default="auto", help="float32 | mixed_bfloat16 | auto (default)")
     p.add_argument("--size", type=int, default=128, help="autoencoder image size (default 128)")
     p.add_argument("--out", default=os.path.join("runs", "main-job"))
-    args = p.parse_args(argv)
+    args = add_verbose(p).parse_args(argv)
     from ..benchmark import MethodSpec, builtin_methods, run_benchmark, summary_markdown
     from ..errors import InputError
     from .common import check_range

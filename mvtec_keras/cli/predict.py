@@ -15,7 +15,7 @@ import os
 import sys
 
 from ..errors import EXIT_BAD_INPUT, InputError
-from .common import run_main
+from .common import add_verbose, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs without finetune.json: false-positive rate on the validation normals (default 0.01)")
     p.add_argument("--threads", type=int, default=2, help="exported models: interpreter threads (default 2)")
     p.add_argument("-q", "--quiet", action="store_true")
-    return p
+    return add_verbose(p)
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ import time
 
 from ..errors import InputError
 from ..fileio import write_json
-from .common import (add_data_args, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
+from .common import (add_data_args, add_verbose, apply_smoke_caps, check_data_args, check_range, data_info, output_dir,
                      parse_key_values, print_run_header, resolve_category, run_main)
 
 AE_ARCHITECTURES = ("mvtecCAE", "baselineCAE", "inceptionCAE", "resnetCAE", "skipCAE")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GAN option (JSON values; repeatable), e.g. --param selection=best_val "
                         "--param filters=64 --param adversarial=bce --param tanh_output=true")
     p.add_argument("-q", "--quiet", action="store_true")
-    return p
+    return add_verbose(p)
 
 
 #: detector parameters that train.py's own flags set (so --param may not)

@@ -103,8 +103,19 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(x * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
+def _images_under(folder: str, extensions) -> list:
+    """Image files anywhere under ``folder``, sorted folder by folder (a camera's day of subfolders)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(extensions))
+    return found
+
+
 def list_images(items) -> list:
-    """Files, folders (their image files, sorted) and globs -> image paths, in order, no duplicates."""
+    """Files, folders (their image files, searched recursively, sorted) and globs (``**`` recurses; a folder
+    they match is searched too) -> image paths, in order, no duplicates. Paths keep their folders, so
+    same-named files of different subfolders stay apart."""
     import glob
 
     from ..data.discovery import IMAGE_EXTENSIONS
@@ -112,13 +123,14 @@ def list_images(items) -> list:
     out = []
     for item in items:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = _images_under(item, IMAGE_EXTENSIONS)
         elif os.path.exists(item):
             found = [item]
         else:
-            found = sorted(glob.glob(item))
-            if not found:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
                 raise InputError(f"IMAGES: no such file, folder or matching glob: {item}")
+            found = [f for m in matches for f in (_images_under(m, IMAGE_EXTENSIONS) if os.path.isdir(m) else [m])]
         out.extend(found)
     seen = set()
     return [p for p in out if not (p in seen or seen.add(p))]
