@@ -102,3 +102,25 @@ def test_real_mnist():
     assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28)
     assert np.bincount(y_train).tolist()[:2] == [5923, 6742]
     assert np.bincount(y_test, minlength=10).sum() == 10000 and y_test.max() == 9
+
+
+def test_stage_one_class_writes_the_mvtec_layout(fake_mnist, tmp_path):
+    from PIL import Image
+
+    from mvtec_keras.data.discovery import discover_mvtec
+    from mvtec_keras.data.mnist import main, stage_one_class
+
+    root, arrays = fake_mnist
+    out = tmp_path / "mnist-2"
+    counts = stage_one_class(2, str(out), str(root), log=lambda *a: None)
+    assert counts["train/good"] == 1 and counts["test/good"] == 2 and counts["test/digit_7"] == 1
+    assert "test/digit_2" not in counts and "test/digit_3" not in counts  # digits absent from the test set
+    i = int(np.flatnonzero(arrays["y_test"] == 9)[0])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "test" / "digit_9" / f"{i:05d}.png")), arrays["x_test"][i])
+    cat = discover_mvtec(str(out))
+    assert len(cat.train) == 1 and sum(s.label for s in cat.test) == 5
+    # Again: nothing to do; another digit into the same folder, or a bad digit: one line, exit 2.
+    assert stage_one_class(2, str(out), str(root), log=lambda *a: None) == counts
+    assert main(["--normal", "7", "--out", str(out), "--root", str(root)]) == 2
+    assert main(["--normal", "12", "--out", str(tmp_path / "x"), "--root", str(root)]) == 2
+    assert not (tmp_path / "x").exists()

@@ -81,3 +81,80 @@ def one_class_split(x_train, y_train, x_test, y_test, normal_digits, anomaly_dig
 def _float(x, pad=0):
     x = (x.astype(np.float32) / 255.0)[..., None]
     return np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+
+
+STAGE_MANIFEST = "mnist_staging.json"
+
+
+def stage_one_class(normal_digit: int, out: str, root: str = "../shared/data/mnist", log=print) -> dict:
+    """Write the one-class protocol for ``normal_digit`` in the MVTec layout under ``out`` (atomically).
+
+    ``train/good``: the digit's training images; ``test/good``: its test images;
+    ``test/digit_K``: the test images of each other digit K (the anomalies, one
+    "defect type" per digit). 28 x 28 grey PNGs named by their index in the idx
+    file. A second call for the same digit finds the manifest and does nothing.
+    Returns the counts per folder.
+    """
+    import json
+
+    from PIL import Image
+
+    from ..fileio import staged_dir
+
+    if int(normal_digit) != normal_digit or not 0 <= normal_digit <= 9:
+        raise InputError(f"--normal: a digit 0-9, got {normal_digit}")
+    normal_digit = int(normal_digit)
+    x_train, y_train, x_test, y_test = load_mnist(root)
+    plan = {"train/good": (x_train, np.flatnonzero(y_train == normal_digit)),
+            "test/good": (x_test, np.flatnonzero(y_test == normal_digit))}
+    for k in range(10):
+        if k != normal_digit and (y_test == k).any():
+            plan[f"test/digit_{k}"] = (x_test, np.flatnonzero(y_test == k))
+    counts = {k: int(len(idx)) for k, (_, idx) in plan.items()}
+    want = {"dataset": "mnist", "protocol": "one-class", "normal_digit": normal_digit,
+            "root": os.path.abspath(root), "counts": counts}
+    manifest = os.path.join(out, STAGE_MANIFEST)
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            have = json.load(f)
+        if have == want:
+            log(f"{out}: already staged (normal digit {normal_digit}); nothing to do")
+            return counts
+        raise InputError(f"--out {out}: holds another staging (normal digit {have.get('normal_digit')}); "
+                         "choose another folder or remove it")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise InputError(f"--out {out}: exists and is not an empty folder")
+    with staged_dir(out) as tmp:
+        for folder, (images, idx) in plan.items():
+            dst = os.path.join(tmp, folder)
+            os.makedirs(dst)
+            for i in idx:
+                Image.fromarray(images[i]).save(os.path.join(dst, f"{int(i):05d}.png"))
+        with open(os.path.join(tmp, STAGE_MANIFEST), "w") as f:
+            json.dump(want, f, indent=2)
+    log(f"staged {out} (normal digit {normal_digit}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from ..errors import EXIT_BAD_INPUT
+
+    p = argparse.ArgumentParser(prog="python -m mvtec_keras.data.mnist",
+                                description="Stage an MNIST one-class split (one digit normal) in the MVTec layout.")
+    p.add_argument("--normal", type=int, required=True, help="the normal digit, 0-9")
+    p.add_argument("--out", required=True, help="category folder to write (train/good, test/good, test/digit_K)")
+    p.add_argument("--root", default="../shared/data/mnist", help="folder of the four idx .gz files")
+    args = p.parse_args(argv)
+    try:
+        stage_one_class(args.normal, args.out, args.root)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
