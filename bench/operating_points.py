@@ -213,8 +213,9 @@ def markdown(rows: list) -> str:
     out += ["", f"Normal-only rule (`finetune.py --mode fpr --rule fpr --target-fpr {TARGET_FPR:g}`): the "
             "false-positive rate on the good test images against the target. *n*: validation normals; the "
             "conformal threshold's guarantee needs n + 1 >= 1 / target.", "",
-            "| dataset | method | n | target | good test images | before: FPR | after: FPR | within 2x target |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| dataset | method | n | target | n allows it | good test images | before (floor(a n) rule): FPR | "
+            "after (conformal): FPR | within 2x target |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for d, m in cells:
         b, a = by.get((d, m, "before", "fpr")), by.get((d, m, "after", "fpr"))
         ref = a or b
@@ -222,8 +223,12 @@ def markdown(rows: list) -> str:
             continue
         op = ref["operating_point"]
         goods = ref["fp"] + ref["tn"]
+        allows = (op.get("conformal") or {}).get("guaranteed")
         ok = "-" if a is None else ("yes" if a["good_fpr"] <= 2 * op["target_fpr"] else "**no**")
-        out.append(f"| {d} | {m} | {op.get('n_validation', '-')} | {op['target_fpr']:g} | {goods} | "
+        if allows is False:
+            ok = f"(n too small) {ok}"
+        out.append(f"| {d} | {m} | {op.get('n_validation', '-')} | {op['target_fpr']:g} | "
+                   f"{'-' if allows is None else ('yes' if allows else 'no')} | {goods} | "
                    f"{_f(b['good_fpr']) if b else '-'} | {_f(a['good_fpr']) if a else '-'} | {ok} |")
     out += ["", "Targets (after):", ""]
     for (d, m), limit in GAP_TARGETS.items():

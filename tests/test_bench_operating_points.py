@@ -35,7 +35,7 @@ def test_decision_figures_from_predictions_csv(tmp_path):
 
 def _row(dataset, method, label, rule, chosen, oracle=1.0, fpr=0.0, target=0.05, decision="image_score"):
     op = {"rule": "balanced" if rule == "auto" else "fpr", "decision": decision, "target_fpr": target,
-          "n_validation": 21}
+          "n_validation": 21, "conformal": {"guaranteed": True}}
     return {"dataset": dataset, "method": method, "label": label, "rule": rule, "operating_point": op,
             "image_auroc": 0.99, "oracle_balanced_accuracy": oracle, "balanced_accuracy": chosen,
             "gap": oracle - chosen, "good_fpr": fpr, "fp": int(round(fpr * 20)), "tn": 20 - int(round(fpr * 20)),
@@ -52,8 +52,11 @@ def test_page_states_before_after_and_the_targets():
             _row("demo", "padim", "after", "fpr", 0.9, fpr=0.15)]
     text = bench.markdown(rows)
     assert "| bottle | padim | 0.990 | 1.000 | 0.930 | 0.070 | balanced (map regions) | 0.990 | 0.010 |" in text
-    assert "| bottle | padim | 21 | 0.05 | 20 | 0.150 | 0.050 | yes |" in text
-    assert "| demo | padim | 21 | 0.05 | 20 | - | 0.150 | **no** |" in text
+    assert "| bottle | padim | 21 | 0.05 | yes | 20 | 0.150 | 0.050 | yes |" in text
+    assert "| demo | padim | 21 | 0.05 | yes | 20 | - | 0.150 | **no** |" in text
+    small = _row("mnist-3", "padim", "after", "fpr", 0.9, fpr=0.15, target=0.01)
+    small["operating_point"]["conformal"]["guaranteed"] = False
+    assert "| mnist-3 | padim | 21 | 0.01 | no | 20 | - | 0.150 | (n too small) **no** |" in bench.markdown([small])
     assert "- gap <= 0.02 for padim on bottle: met (0.010)" in text
     assert "- gap <= 0.05 for mvtecCAE on bottle: **not met** (0.100)" in text
     assert "- gap <= 0.02 for patchcore on bottle: not run" in text
