@@ -207,6 +207,8 @@ def markdown(rows: list) -> str:
     for d, m in cells:
         b, a = by.get((d, m, "before", "auto")), by.get((d, m, "after", "auto"))
         ref = a or b
+        if ref is None:
+            continue
         out.append(f"| {d} | {m} | {_f(ref['image_auroc'])} | {_f(ref['oracle_balanced_accuracy'])} | "
                    + (f"{_f(b['balanced_accuracy'])} | {_f(b['gap'])} | {_point(b)} | " if b else "- | - | - | ")
                    + (f"{_f(a['balanced_accuracy'])} | {_f(a['gap'])} | {_point(a)} |" if a else "- | - | - |"))
